@@ -1,0 +1,192 @@
+"""The ``dynamo`` command line: thin commands that parse, call the core and render."""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from pathlib import Path
+from typing import Callable, List, Optional
+
+import typer
+
+from dynamo.core.errors import UsageError
+
+app = typer.Typer(
+    name="dynamo",
+    help="Launch, supervise and benchmark distributed LLM inference from one YAML profile.\n\n"
+    "Start here: dynamo serve profiles/agg.yaml --backend mocker",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+profile_app = typer.Typer(help="Validate profiles and print their JSON Schema.", no_args_is_help=True)
+app.add_typer(profile_app, name="profile")
+
+
+def fail(message: str, code: int = 2) -> None:
+    """Print one clear error (no traceback) and exit."""
+    lines = message.splitlines() or [message]
+    typer.secho(f"error: {lines[0]}", fg="red", err=True)
+    for line in lines[1:]:
+        typer.secho(f"error: {line}", fg="red", err=True)
+    raise typer.Exit(code)
+
+
+def user_errors(func: Callable) -> Callable:
+    """Render UsageError subclasses as one message with exit 2."""
+
+    @functools.wraps(func)
+    def wrapper(*args, **kwargs):
+        try:
+            return func(*args, **kwargs)
+        except UsageError as exc:
+            fail(str(exc), exc.exit_code)
+
+    return wrapper
+
+
+# ---------------------------------------------------------------------------- serve
+
+ProfileArg = typer.Argument(..., help="A profile file, or the name of a shipped profile (agg, disagg, ...).",
+                            show_default=False)
+SetOpt = typer.Option(None, "--set", metavar="KEY.PATH=VALUE",
+                      help="Override a profile value, e.g. --set frontend.port=8080 --set workers.decode.replicas=2.")
+BackendOpt = typer.Option(None, "--backend", help="Replace the profile's backend: mocker runs any profile on a CPU.")
+
+
+@app.command()
+@user_errors
+def serve(
+    profile: str = ProfileArg,
+    overrides: Optional[List[str]] = SetOpt,
+    backend: Optional[str] = BackendOpt,
+    dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan (every process, argv, env, GPUs, ports, probes) and exit."),
+    as_json: bool = typer.Option(False, "--json", help="With --dry-run: the plan as JSON."),
+    assume_gpus: Optional[int] = typer.Option(None, "--assume-gpus", metavar="N", min=0,
+                                              help="Plan as if this machine had N GPUs (ids 0..N-1) instead of asking NVML."),
+    node: Optional[str] = typer.Option(None, "--node", help="Start only this node's components (multinode profiles)."),
+    detach: bool = typer.Option(False, "--detach", "-d", help="Return once everything is ready; print the endpoint."),
+    run_dir: Optional[Path] = typer.Option(None, "--run-dir", help="Directory for this run's state and logs "
+                                           "(default $DYNAMO_HOME/runs/<run-id>, DYNAMO_HOME defaults to ./.dynamo)."),
+    no_color: bool = typer.Option(False, "--no-color", help="Plain console output."),
+) -> None:
+    """Plan a profile, start every process in order and supervise them until Ctrl-C.
+
+    Order: nats, router, workers, frontend; each stage starts once the one before it is
+    ready. Ctrl-C (or dynamo stop) stops them in reverse order. Exit code 0 when stopped on
+    request, 1 when a required component failed, 2 for a bad profile or flag.
+    """
+    from dynamo.cli import serving
+
+    code = serving.serve(profile, overrides or [], backend, dry_run, as_json, assume_gpus, node, detach,
+                         run_dir, no_color)
+    raise typer.Exit(code)
+
+
+# ---------------------------------------------------------------------------- ps / logs / stop
+
+RunArg = typer.Argument(None, help="Run id (a unique prefix is enough) or run directory; default: the newest active run.",
+                        show_default=False)
+
+
+@app.command()
+@user_errors
+def ps(
+    run: Optional[str] = RunArg,
+    as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
+    all_runs: bool = typer.Option(False, "--all", "-a", help="List every run instead of one run's processes."),
+) -> None:
+    """Show the processes of a run: status, pid, restarts, ports, GPUs, uptime."""
+    from dynamo.cli import runs
+
+    runs.ps(run, as_json, all_runs)
+
+
+@app.command()
+@user_errors
+def logs(
+    run: Optional[str] = RunArg,
+    processes: Optional[List[str]] = typer.Argument(None, help="Only these processes (e.g. frontend decode-0).",
+                                                     show_default=False),
+    follow: bool = typer.Option(False, "--follow", "-f", help="Keep printing new lines until the run stops."),
+    tail: Optional[int] = typer.Option(None, "--tail", "-n", min=0, help="Only the last N lines of each process."),
+    since: Optional[str] = typer.Option(None, "--since", help="Only lines newer than this: 10m, 90s, 2h or an ISO time."),
+    grep: Optional[str] = typer.Option(None, "--grep", "-g", help="Only lines matching this regular expression."),
+    timestamps: bool = typer.Option(False, "--timestamps", "-t", help="Show each line's UTC time."),
+    no_prefix: bool = typer.Option(False, "--no-prefix", help="Do not prefix lines with the process name."),
+) -> None:
+    """Print the logs of a run, merged in time order with `name |` prefixes.
+
+    The first argument is a run unless it names a process of the newest active run:
+    `dynamo logs decode-0 -f` works.
+    """
+    from dynamo.cli import runs
+
+    runs.logs(run, processes or [], follow, tail, since, grep, timestamps, no_prefix)
+
+
+@app.command()
+@user_errors
+def stop(
+    run: Optional[str] = RunArg,
+    timeout: float = typer.Option(120.0, "--timeout", help="Seconds to wait for a graceful stop before killing everything."),
+) -> None:
+    """Stop a run as Ctrl-C would: reverse order, grace periods, then SIGKILL."""
+    from dynamo.cli import runs
+
+    raise typer.Exit(runs.stop(run, timeout))
+
+
+# ---------------------------------------------------------------------------- profile
+
+
+@profile_app.command("validate")
+@user_errors
+def profile_validate(
+    files: List[str] = typer.Argument(..., help="Profile files or shipped profile names."),
+    overrides: Optional[List[str]] = SetOpt,
+    backend: Optional[str] = BackendOpt,
+) -> None:
+    """Check profiles: YAML, types, unknown keys, variables. Exit 2 on the first invalid one."""
+    from dynamo.core.profile import load_profile
+
+    for name in files:
+        loaded = load_profile(name, overrides or [], backend=backend)
+        p = loaded.profile
+        replicas = sum(g.replicas for g in p.workers.values())
+        typer.echo(f"{loaded.path}: ok ({p.name}: backend {p.backend}, {len(p.workers)} worker groups, "
+                   f"{replicas} workers)")
+
+
+@profile_app.command("schema")
+def profile_schema(
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Write to this file instead of stdout."),
+) -> None:
+    """Print the JSON Schema of profiles (for editors; committed as profiles/schema.json)."""
+    from dynamo.core.profile import profile_json_schema
+
+    text = json.dumps(profile_json_schema(), indent=2) + "\n"
+    if output:
+        output.write_text(text)
+    else:
+        sys.stdout.write(text)
+
+
+@profile_app.command("list")
+def profile_list() -> None:
+    """List the shipped profiles (usable by name: dynamo serve agg)."""
+    from dynamo.core.profile import SHIPPED_PROFILES_DIR
+
+    for path in sorted(SHIPPED_PROFILES_DIR.glob("*.yaml")):
+        first = next((line[1:].strip() for line in path.read_text().splitlines() if line.startswith("#")), "")
+        typer.echo(f"{path.stem:<20} {first}")
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

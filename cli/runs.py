@@ -1,0 +1,220 @@
+"""``dynamo ps``, ``dynamo logs`` and ``dynamo stop``: read and control runs through their run directory."""
+
+from __future__ import annotations
+
+import heapq
+import json
+import os
+import re
+import signal
+import time
+from pathlib import Path
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from dynamo.core import proctree
+from dynamo.core.durations import parse_duration
+from dynamo.core.errors import RunNotFound, UsageError
+from dynamo.core.printer import Printer
+from dynamo.core.rundir import RunDir, find_run, list_runs, parse_stamp, pid_alive
+
+
+def resolve_run(run: str | None) -> RunDir:
+    if run and (Path(run) / "state.json").exists():
+        return RunDir(Path(run))
+    return find_run(run)
+
+
+def _uptime(seconds: float | None) -> str:
+    if not seconds:
+        return "-"
+    seconds = int(time.time() - seconds)
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+
+
+def _status(state: dict) -> str:
+    status = state.get("status", "?")
+    if status in ("starting", "ready", "stopping") and not pid_alive(state.get("supervisor_pid"),
+                                                                      state.get("supervisor_started")):
+        return "dead (supervisor gone)"
+    return status
+
+
+def ps(run: str | None, as_json: bool, all_runs: bool) -> None:
+    console = Console()
+    if all_runs:
+        runs = list_runs()
+        rows = [{"run": r.id, "status": _status(s := r.read_state()), "profile": s.get("profile"),
+                 "endpoint": s.get("endpoint"), "started_at": s.get("started_at"), "path": str(r.path)} for r in runs]
+        if as_json:
+            typer.echo(json.dumps(rows, indent=2))
+            return
+        table = Table("RUN", "STATUS", "PROFILE", "ENDPOINT", "UP", box=None)
+        for row in rows:
+            table.add_row(row["run"], row["status"], row["profile"] or "", row["endpoint"] or "",
+                          _uptime(row["started_at"]) if row["status"] in ("ready", "starting") else "-")
+        console.print(table)
+        return
+    chosen = resolve_run(run)
+    state = chosen.read_state()
+    if as_json:
+        typer.echo(json.dumps({**state, "status": _status(state), "path": str(chosen.path)}, indent=2))
+        return
+    console.print(f"run [bold]{chosen.id}[/] {_status(state)}"
+                  + (f"  endpoint {state['endpoint']}" if state.get("endpoint") else "")
+                  + (f"\nfailure: {state['failure']}" if state.get("failure") else ""))
+    table = Table("NAME", "KIND", "STATUS", "PID", "RESTARTS", "PORTS", "GPUS", "UP", box=None)
+    for name, proc in state.get("processes", {}).items():
+        ports = " ".join(f"{k}={v}" for k, v in (proc.get("ports") or {}).items())
+        up = _uptime(proc.get("started_at")) if proc.get("status") in ("ready", "starting", "unhealthy") else "-"
+        table.add_row(name, proc.get("kind", ""), proc.get("status", ""), str(proc.get("pid") or "-"),
+                      str(proc.get("restarts", 0)), ports, ",".join(map(str, proc.get("gpus") or [])) or "-", up)
+    console.print(table)
+
+
+# ---------------------------------------------------------------------------- logs
+
+
+def _since(text: str | None) -> float | None:
+    if not text:
+        return None
+    stamp = parse_stamp(text) or parse_stamp(text.rstrip("Z") + ".000Z")
+    if stamp is not None:
+        return stamp
+    try:
+        return time.time() - parse_duration(text)
+    except ValueError:
+        raise UsageError(f"--since {text}: expected a duration (10m, 90s) or a time like 2026-01-02T15:04:05Z") from None
+
+
+def _read_lines(path: Path) -> list[tuple[float, str, str]]:
+    """(time, stamp, text) of every line in a log and its rotated predecessors, oldest first."""
+    files = sorted(path.parent.glob(path.name + ".*"), key=lambda p: -int(p.suffix[1:]) if p.suffix[1:].isdigit() else 0)
+    out: list[tuple[float, str, str]] = []
+    for file in [*files, path]:
+        if file.exists():
+            for raw in file.read_text(errors="replace").splitlines():
+                out.append(_split(raw))
+    return out
+
+
+def _split(raw: str) -> tuple[float, str, str]:
+    stamp, _, text = raw.partition(" ")
+    ts = parse_stamp(stamp)
+    return (ts, stamp, text) if ts is not None else (0.0, "", raw)
+
+
+def logs(run: str | None, processes: list[str], follow: bool, tail: int | None, since: str | None,
+         grep: str | None, timestamps: bool, no_prefix: bool) -> None:
+    try:
+        chosen = resolve_run(run)
+    except RunNotFound:
+        if run is None:
+            raise
+        chosen = find_run(None)  # `dynamo logs decode-0`: a process of the newest run
+        processes = [run, *processes]
+        if not (chosen.logs / f"{run}.log").exists():
+            raise
+    available = sorted(p.stem for p in chosen.logs.glob("*.log"))
+    for name in processes:
+        if name not in available:
+            raise UsageError(f"run {chosen.id} has no process {name!r}; it has: {', '.join(available)}")
+    names = processes or available
+    try:
+        pattern = re.compile(grep) if grep else None
+    except re.error as exc:
+        raise UsageError(f"--grep {grep!r}: {exc}") from None
+    after = _since(since)
+    printer = Printer(names)
+
+    def show(name: str, stamp: str, text: str) -> None:
+        body = f"{stamp} {text}" if timestamps and stamp else text
+        if no_prefix:
+            printer._write(body)
+        else:
+            printer.output(name, body)
+
+    def keep(ts: float, text: str) -> bool:
+        return (after is None or ts >= after) and (pattern is None or pattern.search(text) is not None)
+
+    streams = []
+    for name in names:
+        lines = [(ts, stamp, text, name) for ts, stamp, text in _read_lines(chosen.logs / f"{name}.log") if keep(ts, text)]
+        if tail is not None:
+            lines = lines[-tail:] if tail else []
+        streams.append(lines)
+    for ts, stamp, text, name in heapq.merge(*streams, key=lambda item: item[0]):
+        show(name, stamp, text)
+    if not follow:
+        return
+    offsets = {name: (chosen.logs / f"{name}.log").stat().st_size if (chosen.logs / f"{name}.log").exists() else 0
+               for name in names}
+    partial = {name: "" for name in names}
+    try:
+        while True:
+            active = chosen.is_active()
+            for name in names:
+                path = chosen.logs / f"{name}.log"
+                try:
+                    size = path.stat().st_size
+                except FileNotFoundError:
+                    continue
+                if size < offsets[name]:
+                    offsets[name] = 0  # rotated
+                if size == offsets[name]:
+                    continue
+                with open(path, "rb") as fh:
+                    fh.seek(offsets[name])
+                    chunk = fh.read()
+                offsets[name] += len(chunk)
+                text = partial[name] + chunk.decode("utf-8", "replace")
+                *complete, partial[name] = text.split("\n")
+                for raw in complete:
+                    ts, stamp, body = _split(raw)
+                    if keep(ts, body):
+                        show(name, stamp, body)
+            if not active:
+                return
+            time.sleep(0.2)
+    except KeyboardInterrupt:
+        return
+
+
+# ---------------------------------------------------------------------------- stop
+
+
+def stop(run: str | None, timeout: float) -> int:
+    chosen = resolve_run(run)
+    state = chosen.read_state()
+    pid = state.get("supervisor_pid")
+    if not pid_alive(pid, state.get("supervisor_started")):
+        leftovers = proctree.marked_processes(chosen.id)
+        if leftovers:
+            proctree.signal_all(None, leftovers, signal.SIGKILL)
+            typer.echo(f"run {chosen.id}: supervisor was gone; killed {len(leftovers)} leftover processes")
+            return 0
+        typer.echo(f"run {chosen.id} is not running ({state.get('status', 'unknown')})")
+        return 0
+    started = time.time()
+    os.kill(pid, signal.SIGTERM)
+    typer.echo(f"stopping run {chosen.id} (supervisor pid {pid}) ...")
+    while time.time() - started < timeout:
+        if not pid_alive(pid, state.get("supervisor_started")):
+            break
+        time.sleep(0.1)
+    else:
+        typer.secho(f"not stopped after {timeout:g}s: killing the supervisor and every process of the run",
+                    fg="yellow", err=True)
+        os.kill(pid, signal.SIGKILL)
+        time.sleep(0.3)
+        proctree.signal_all(None, proctree.marked_processes(chosen.id), signal.SIGKILL)
+        return 1
+    final = chosen.read_state()
+    typer.echo(f"run {chosen.id} {final.get('status', 'stopped')} in {time.time() - started:.2f}s")
+    return 0

@@ -1,0 +1,114 @@
+"""``dynamo serve``: load, plan, check, then supervise in the foreground or detached."""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import typer
+
+from dynamo.core.errors import UsageError
+from dynamo.core.gpus import detect_inventory
+from dynamo.core.plan import Plan, build_plan, check_executables, check_ports
+from dynamo.core.profile import load_profile
+from dynamo.core.rundir import RunDir, dynamo_home, new_run_id
+
+
+def serve(profile: str, overrides: list[str], backend: str | None, dry_run: bool, as_json: bool,
+          assume_gpus: int | None, node: str | None, detach: bool, run_dir: Path | None, no_color: bool) -> int:
+    if as_json and not dry_run:
+        raise UsageError("--json goes with --dry-run (dynamo ps --json shows a running plan)")
+    loaded = load_profile(profile, overrides, backend=backend)
+    plan = build_plan(loaded, detect_inventory(assume_gpus), node=node)
+    if dry_run:
+        if as_json:
+            typer.echo(plan.model_dump_json(indent=2))
+        else:
+            typer.echo(render_plan(plan))
+        return 0
+    check_executables(plan)
+    check_ports(plan)
+    run = RunDir(run_dir) if run_dir else RunDir.create(dynamo_home(), new_run_id(plan.profile))
+    run.logs.mkdir(parents=True, exist_ok=True)
+    (run.path / "plan.json").write_text(plan.model_dump_json(indent=2))
+    if detach:
+        return _detach(run, plan)
+    from dynamo.core.printer import Printer
+    from dynamo.core.supervisor import run_plan
+
+    names = [p.name for p in plan.processes]
+    printer = Printer(names, colour=False if no_color else None)
+    printer.system(f"run {run.id}: {len(plan.processes)} processes, logs in {run.logs}")
+    return run_plan(plan, run, printer)
+
+
+def _detach(run: RunDir, plan: Plan) -> int:
+    """Start the supervisor in its own session; return once it reports ready (or failed)."""
+    console = open(run.path / "supervisor.log", "ab")
+    child = subprocess.Popen(
+        [sys.executable, "-m", "dynamo.cli.supervise", str(run.path)],
+        stdin=subprocess.DEVNULL, stdout=console, stderr=subprocess.STDOUT, start_new_session=True,
+        env={**os.environ, "NO_COLOR": "1"},
+    )
+    console.close()
+    while True:
+        state = run.read_state()
+        status = state.get("status")
+        if status == "ready":
+            typer.echo(f"run {run.id} is ready")
+            if plan.endpoint:
+                typer.echo(f"endpoint: {plan.endpoint}")
+            typer.echo(f"logs:     dynamo logs {run.id} -f")
+            typer.echo(f"stop:     dynamo stop {run.id}")
+            return 0
+        if status in ("failed", "stopped") or child.poll() is not None:
+            child.wait()
+            typer.secho(f"run {run.id} did not become ready: {state.get('failure') or status or 'supervisor exited'}",
+                        fg="red", err=True)
+            tail = (run.path / "supervisor.log").read_text(errors="replace").splitlines()[-15:]
+            for line in tail:
+                typer.echo(f"  {line}", err=True)
+            return 1
+        time.sleep(0.1)
+
+
+def render_plan(plan: Plan) -> str:
+    """The dry-run text: every process with argv, added env, GPUs, ports, probe and dependencies."""
+    lines = [
+        f"Plan for {plan.profile} (backend {plan.backend}, model {plan.model}): "
+        f"{len(plan.processes)} processes" + (f", endpoint {plan.endpoint}" if plan.endpoint else ""),
+        f"GPUs: {plan.gpu_inventory}",
+        f"NATS: {plan.nats_url}",
+        "{run_dir} is the run directory, created at start ($DYNAMO_HOME/runs/<run-id>).",
+    ]
+    for proc in plan.processes:
+        lines.append("")
+        head = f"{proc.name}  [{proc.kind}"
+        head += f", role {proc.role}" if proc.role else ""
+        head += f", node {proc.node}]"
+        lines.append(head)
+        lines.append(f"  argv:     {shlex.join(proc.argv)}")
+        if proc.env:
+            lines.append(f"  env:      {' '.join(f'{k}={shlex.quote(v)}' for k, v in proc.env.items())}")
+        if proc.gpus or proc.kind == "worker":
+            lines.append(f"  gpus:     {','.join(map(str, proc.gpus)) or 'none'}")
+        if proc.ports:
+            lines.append(f"  ports:    {' '.join(f'{k}={v}' for k, v in proc.ports.items())}")
+        lines.append(f"  ready:    {proc.readiness_probe.describe()}")
+        if proc.depends_on:
+            lines.append(f"  after:    {', '.join(proc.depends_on)}")
+        policy = proc.restart
+        lines.append(f"  restart:  {policy.policy}, max {policy.max_restarts}, backoff {policy.backoff.initial:g}s"
+                     f"..{policy.backoff.max:g}s; stop grace {proc.grace_period:g}s")
+        for note in proc.notes:
+            lines.append(f"  note:     {note}")
+    return "\n".join(lines)
+
+
+def load_plan(run: RunDir) -> Plan:
+    return Plan.model_validate(json.loads((run.path / "plan.json").read_text()))

@@ -1,0 +1,186 @@
+"""Discovery: live workers in a NATS JetStream KeyValue bucket.
+
+A node's supervisor puts an entry for each worker once it is ready and refreshes it every
+``ttl / 3`` seconds; it deletes the entry when the worker stops or fails. If the supervisor
+itself dies, nobody refreshes: watchers drop entries older than ``ttl``, and the bucket's
+own TTL removes them from storage.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import nats
+from nats.js.api import KeyValueConfig
+from nats.js.errors import BucketNotFoundError
+
+BUCKET = "dynamo_instances"
+DEFAULT_TTL = 10.0
+
+
+async def connect(url: str, name: str, timeout: float = 5.0) -> nats.NATS:
+    """Connect, retrying until ``timeout``; raise ConnectionError with a clear message."""
+    deadline = time.monotonic() + timeout
+    last: Exception | None = None
+    while time.monotonic() < deadline:
+        try:
+            return await nats.connect(
+                url, name=name, connect_timeout=min(2.0, timeout), allow_reconnect=True,
+                max_reconnect_attempts=-1, reconnect_time_wait=0.5,
+            )
+        except Exception as exc:  # nats raises several unrelated types on refusal
+            last = exc
+            await asyncio.sleep(0.1)
+    raise ConnectionError(f"cannot reach NATS at {_redact(url)}: {last or 'timed out'}")
+
+
+def _redact(url: str) -> str:
+    if "@" in url:
+        scheme, _, rest = url.partition("://")
+        return f"{scheme}://***@{rest.split('@', 1)[1]}"
+    return url
+
+
+async def open_bucket(nc: nats.NATS, ttl: float = DEFAULT_TTL):
+    js = nc.jetstream()
+    try:
+        return await js.key_value(BUCKET)
+    except BucketNotFoundError:
+        pass
+    try:
+        return await js.create_key_value(KeyValueConfig(bucket=BUCKET, ttl=ttl, history=1))
+    except Exception:
+        return await js.key_value(BUCKET)  # another node created it first
+
+
+def instance_key(namespace: str, name: str) -> str:
+    return f"{namespace}.{name}"
+
+
+class DiscoveryPublisher:
+    """Used by a supervisor: register, refresh and remove its node's workers."""
+
+    def __init__(self, nc: nats.NATS, kv, ttl: float = DEFAULT_TTL):
+        self.nc = nc
+        self.kv = kv
+        self.ttl = ttl
+        self.entries: dict[str, dict[str, Any]] = {}
+        self._task: asyncio.Task | None = None
+
+    @classmethod
+    async def open(cls, url: str, ttl: float = DEFAULT_TTL) -> DiscoveryPublisher:
+        nc = await connect(url, "dynamo-supervisor")
+        return cls(nc, await open_bucket(nc, ttl), ttl)
+
+    async def register(self, key: str, entry: dict[str, Any]) -> None:
+        self.entries[key] = entry
+        await self._put(key, entry)
+        if self._task is None:
+            self._task = asyncio.create_task(self._refresh())
+
+    async def remove(self, key: str) -> None:
+        if self.entries.pop(key, None) is not None:
+            try:
+                await self.kv.delete(key)
+            except Exception:
+                pass  # NATS gone: the TTL removes it
+
+    async def _put(self, key: str, entry: dict[str, Any]) -> None:
+        payload = json.dumps({**entry, "ts": time.time()}).encode()
+        await self.kv.put(key, payload)
+
+    async def _refresh(self) -> None:
+        while True:
+            await asyncio.sleep(self.ttl / 3)
+            for key, entry in list(self.entries.items()):
+                try:
+                    await self._put(key, entry)
+                except Exception:
+                    pass
+
+    async def close(self) -> None:
+        if self._task:
+            self._task.cancel()
+        for key in list(self.entries):
+            await self.remove(key)
+        try:
+            await self.nc.drain()
+        except Exception:
+            pass
+
+
+@dataclass
+class Instance:
+    key: str
+    data: dict[str, Any]
+    seen: float = field(default_factory=time.monotonic)
+
+    @property
+    def url(self) -> str:
+        return self.data["url"]
+
+    @property
+    def role(self) -> str:
+        return self.data.get("role", "agg")
+
+
+class DiscoveryWatcher:
+    """Used by the frontend and router: the live instances of one namespace."""
+
+    def __init__(self, nc: nats.NATS, namespace: str, ttl: float = DEFAULT_TTL,
+                 on_change: Callable[[], None] | None = None):
+        self.nc = nc
+        self.namespace = namespace
+        self.ttl = ttl
+        self.instances: dict[str, Instance] = {}
+        self.on_change = on_change
+        self._tasks: list[asyncio.Task] = []
+
+    async def start(self) -> None:
+        kv = await open_bucket(self.nc, self.ttl)
+        watcher = await kv.watch(f"{self.namespace}.>")
+        self._tasks = [asyncio.create_task(self._follow(watcher)), asyncio.create_task(self._expire())]
+
+    async def _follow(self, watcher) -> None:
+        while True:
+            try:
+                entry = await watcher.updates(timeout=3600)
+            except asyncio.TimeoutError:
+                continue
+            except Exception:
+                await asyncio.sleep(0.5)
+                continue
+            if entry is None:
+                continue  # end of the initial values
+            if entry.operation in ("DEL", "PURGE") or not entry.value:
+                changed = self.instances.pop(entry.key, None) is not None
+            else:
+                try:
+                    data = json.loads(entry.value)
+                except ValueError:
+                    continue
+                if time.time() - data.get("ts", time.time()) > self.ttl:
+                    continue  # a stale entry left by a dead node
+                changed = entry.key not in self.instances
+                self.instances[entry.key] = Instance(entry.key, data)
+            if changed and self.on_change:
+                self.on_change()
+
+    async def _expire(self) -> None:
+        while True:
+            await asyncio.sleep(min(1.0, self.ttl / 4))
+            now = time.monotonic()
+            stale = [k for k, inst in self.instances.items() if now - inst.seen > self.ttl]
+            for key in stale:
+                del self.instances[key]
+            if stale and self.on_change:
+                self.on_change()
+
+    async def close(self) -> None:
+        for task in self._tasks:
+            task.cancel()

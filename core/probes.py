@@ -1,0 +1,51 @@
+"""Readiness and health probes: HTTP GET 2xx, TCP connect, or a log line already seen."""
+
+from __future__ import annotations
+
+import asyncio
+
+import aiohttp
+
+from dynamo.core.plan import ProbeSpec
+
+
+class Prober:
+    """Runs probes; owns one HTTP session for all of them."""
+
+    def __init__(self) -> None:
+        self._session: aiohttp.ClientSession | None = None
+
+    async def check(self, probe: ProbeSpec, log_matched: bool) -> bool:
+        if probe.kind == "log":
+            return log_matched
+        if probe.kind == "tcp":
+            return await self._tcp(probe)
+        return await self._http(probe)
+
+    async def _tcp(self, probe: ProbeSpec) -> bool:
+        try:
+            _, writer = await asyncio.wait_for(asyncio.open_connection(probe.host, probe.port), probe.timeout)
+        except (OSError, asyncio.TimeoutError):
+            return False
+        writer.close()
+        try:
+            await writer.wait_closed()
+        except OSError:
+            pass
+        return True
+
+    async def _http(self, probe: ProbeSpec) -> bool:
+        if self._session is None:
+            self._session = aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(force_close=True), trust_env=False
+            )
+        try:
+            async with self._session.get(probe.url, timeout=aiohttp.ClientTimeout(total=probe.timeout)) as resp:
+                await resp.read()
+                return 200 <= resp.status < 300
+        except (aiohttp.ClientError, asyncio.TimeoutError, OSError):
+            return False
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()

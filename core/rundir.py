@@ -1,0 +1,153 @@
+"""The run directory: ``$DYNAMO_HOME/runs/<run-id>/`` with state.json, logs/ and events.log."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import secrets
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+from dynamo.core.errors import RunNotFound
+
+ACTIVE = ("starting", "ready", "stopping")
+LOG_MAX_BYTES = 20 * 2**20
+LOG_BACKUPS = 3
+
+
+def dynamo_home() -> Path:
+    """``$DYNAMO_HOME``, else ``.dynamo`` in the current directory."""
+    return Path(os.environ.get("DYNAMO_HOME") or ".dynamo")
+
+
+def new_run_id(profile_name: str) -> str:
+    stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    return f"{profile_name}-{stamp}-{secrets.token_hex(2)}"
+
+
+def utc_stamp(ts: float | None = None) -> str:
+    """ISO-8601 UTC with milliseconds, the prefix of every log line."""
+    moment = dt.datetime.fromtimestamp(time.time() if ts is None else ts, tz=dt.timezone.utc)
+    return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
+
+
+def parse_stamp(text: str) -> float | None:
+    try:
+        return dt.datetime.strptime(text, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=dt.timezone.utc).timestamp()
+    except ValueError:
+        return None
+
+
+class RotatingLog:
+    """One process's log file, each line prefixed with its UTC time, rotated by size."""
+
+    def __init__(self, path: Path, max_bytes: int = LOG_MAX_BYTES, backups: int = LOG_BACKUPS):
+        self.path = path
+        self.max_bytes = max_bytes
+        self.backups = backups
+        self.file = open(path, "ab", buffering=0)
+        self.size = self.file.tell()
+
+    def write(self, text: str, ts: float | None = None) -> None:
+        data = f"{utc_stamp(ts)} {text}\n".encode("utf-8", "replace")
+        if self.size + len(data) > self.max_bytes and self.size:
+            self._rotate()
+        self.file.write(data)
+        self.size += len(data)
+
+    def _rotate(self) -> None:
+        self.file.close()
+        for index in range(self.backups - 1, 0, -1):
+            older = self.path.with_name(f"{self.path.name}.{index}")
+            if older.exists():
+                older.replace(self.path.with_name(f"{self.path.name}.{index + 1}"))
+        self.path.replace(self.path.with_name(f"{self.path.name}.1"))
+        self.file = open(self.path, "ab", buffering=0)
+        self.size = 0
+
+    def close(self) -> None:
+        self.file.close()
+
+
+class RunDir:
+    def __init__(self, path: Path):
+        self.path = path
+        self.id = path.name
+        self.logs = path / "logs"
+        self.state_path = path / "state.json"
+        self.events_path = path / "events.log"
+
+    @classmethod
+    def create(cls, home: Path, run_id: str) -> RunDir:
+        run = cls(home / "runs" / run_id)
+        run.logs.mkdir(parents=True, exist_ok=True)
+        return run
+
+    def write_state(self, state: dict[str, Any]) -> None:
+        """Atomic: readers never see a half-written file."""
+        tmp = self.state_path.with_name(f".state.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(state, indent=2, default=str))
+        os.replace(tmp, self.state_path)
+
+    def read_state(self) -> dict[str, Any]:
+        try:
+            return json.loads(self.state_path.read_text())
+        except (OSError, json.JSONDecodeError):
+            return {}
+
+    def event(self, process: str, event: str, **details: Any) -> None:
+        record = {"ts": utc_stamp(), "process": process, "event": event, **details}
+        with open(self.events_path, "a") as fh:
+            fh.write(json.dumps(record, default=str) + "\n")
+
+    def log(self, process: str) -> RotatingLog:
+        return RotatingLog(self.logs / f"{process}.log")
+
+    def is_active(self) -> bool:
+        state = self.read_state()
+        return state.get("status") in ACTIVE and pid_alive(state.get("supervisor_pid"), state.get("supervisor_started"))
+
+
+def pid_alive(pid: int | None, create_time: float | None = None) -> bool:
+    if not pid:
+        return False
+    try:
+        proc = psutil.Process(pid)
+        if create_time is not None and abs(proc.create_time() - create_time) > 1.0:
+            return False
+        return proc.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
+
+
+def list_runs(home: Path | None = None) -> list[RunDir]:
+    """All runs, newest first."""
+    root = (home or dynamo_home()) / "runs"
+    if not root.is_dir():
+        return []
+    runs = [RunDir(p) for p in root.iterdir() if (p / "state.json").exists()]
+    return sorted(runs, key=lambda r: r.read_state().get("started_at", 0), reverse=True)
+
+
+def find_run(run_id: str | None, home: Path | None = None, active_only: bool = False) -> RunDir:
+    """The run named ``run_id`` (a unique prefix is enough), or the newest active run."""
+    runs = list_runs(home)
+    where = (home or dynamo_home()) / "runs"
+    if run_id:
+        matches = [r for r in runs if r.id == run_id] or [r for r in runs if r.id.startswith(run_id)]
+        if not matches:
+            raise RunNotFound(f"no run {run_id!r} under {where}")
+        if len(matches) > 1:
+            raise RunNotFound(f"{run_id!r} matches several runs: {', '.join(r.id for r in matches)}")
+        return matches[0]
+    active = [r for r in runs if r.is_active()]
+    if active:
+        return active[0]
+    if runs and not active_only:
+        return runs[0]
+    raise RunNotFound(f"no active run under {where} (DYNAMO_HOME={os.environ.get('DYNAMO_HOME', '.dynamo')}); start one with dynamo serve")
