@@ -194,7 +194,7 @@ def stop(run: str | None, timeout: float) -> int:
     state = chosen.read_state()
     pid = state.get("supervisor_pid")
     if not pid_alive(pid, state.get("supervisor_started")):
-        leftovers = proctree.marked_processes(chosen.id)
+        leftovers = proctree.marked_processes(chosen.marker)
         if leftovers:
             proctree.signal_all(None, leftovers, signal.SIGKILL)
             typer.echo(f"run {chosen.id}: supervisor was gone; killed {len(leftovers)} leftover processes")
@@ -213,7 +213,7 @@ def stop(run: str | None, timeout: float) -> int:
                     fg="yellow", err=True)
         os.kill(pid, signal.SIGKILL)
         time.sleep(0.3)
-        proctree.signal_all(None, proctree.marked_processes(chosen.id), signal.SIGKILL)
+        proctree.signal_all(None, proctree.marked_processes(chosen.marker), signal.SIGKILL)
         return 1
     final = chosen.read_state()
     typer.echo(f"run {chosen.id} {final.get('status', 'stopped')} in {time.time() - started:.2f}s")

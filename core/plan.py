@@ -145,6 +145,7 @@ class _GpuAssigner:
         self.inventory = inventory
         self.problems: list[str] = []
         self.used: dict[int, str] = {}
+        self.short = False  # the total already exceeds the inventory: one message says so
         self.explicit: set[int] = set()
         existing = set(inventory.ids)
         for group_name, group in profile.workers.items():
@@ -172,7 +173,8 @@ class _GpuAssigner:
             chosen = self.free[:gpus]
             self.free = self.free[gpus:]
             if len(chosen) < gpus:
-                self.problems.append(f"workers.{group_name}: {owner} needs {gpus} GPUs but none are left")
+                if not self.short:
+                    self.problems.append(f"workers.{group_name}: {owner} needs {gpus} GPUs but only {len(chosen)} are left")
                 return chosen
         for gpu in chosen:
             if gpu in self.used:
@@ -186,6 +188,7 @@ class _GpuAssigner:
             for g in profile.workers.values() if g.replicas
         )
         if needed > self.inventory.count:
+            self.short = True
             self.problems.insert(0, f"the profile needs {needed} GPUs; {self._have()}")
 
 

@@ -261,15 +261,18 @@ class SourceMap:
 
     file: str
     positions: dict[tuple, tuple[int, int]] = field(default_factory=dict)
+    value_positions: dict[tuple, tuple[int, int]] = field(default_factory=dict)
     overrides: set[tuple] = field(default_factory=set)
 
-    def where(self, path: tuple) -> str:
+    def where(self, path: tuple, value: bool = False) -> str:
+        """``file:line:col`` of a key (or of its value), or the ``--set`` flag that set it."""
         probe = tuple(path)
         while True:
             if probe in self.overrides:
                 return f"--set {'.'.join(map(str, probe))}"
-            if probe in self.positions:
-                line, col = self.positions[probe]
+            table = self.value_positions if value and probe == tuple(path) and probe in self.value_positions else self.positions
+            if probe in table:
+                line, col = table[probe]
                 return f"{self.file}:{line + 1}:{col + 1}"
             if not probe:
                 return self.file
@@ -306,21 +309,23 @@ def expand_vars(text: str, env: Mapping[str, str]) -> str:
     return _VAR.sub(replace, text)
 
 
-def _walk_positions(node: Any, path: tuple, positions: dict[tuple, tuple[int, int]]) -> None:
+def _walk_positions(node: Any, path: tuple, sources: SourceMap) -> None:
     if isinstance(node, CommentedMap):
         for key in node:
+            here = path + (str(key),)
             try:
-                positions[path + (str(key),)] = tuple(node.lc.key(key))
+                sources.positions[here] = tuple(node.lc.key(key))
+                sources.value_positions[here] = tuple(node.lc.value(key))
             except (KeyError, TypeError):
-                positions[path + (str(key),)] = (node.lc.line, node.lc.col)
-            _walk_positions(node[key], path + (str(key),), positions)
+                sources.positions[here] = (node.lc.line, node.lc.col)
+            _walk_positions(node[key], here, sources)
     elif isinstance(node, CommentedSeq):
         for index, item in enumerate(node):
             try:
-                positions[path + (index,)] = tuple(node.lc.item(index))
+                sources.positions[path + (index,)] = tuple(node.lc.item(index))
             except (KeyError, TypeError):
-                positions[path + (index,)] = (node.lc.line, node.lc.col)
-            _walk_positions(item, path + (index,), positions)
+                sources.positions[path + (index,)] = (node.lc.line, node.lc.col)
+            _walk_positions(item, path + (index,), sources)
 
 
 def expand_text(text: str, env: Mapping[str, str], filename: str) -> str:
@@ -449,7 +454,7 @@ def parse_profile(
         raise ProfileError([f"{filename}: malformed YAML: {exc}"]) from None
     if not isinstance(tree, Mapping):
         raise ProfileError([f"{filename}:1:1: a profile is a YAML mapping (name:, model:, workers: ...), got {type(tree).__name__}"])
-    _walk_positions(tree, (), sources.positions)
+    _walk_positions(tree, (), sources)
     data = _plain(tree)
     for assignment in overrides:
         apply_override(data, assignment, sources)
@@ -518,7 +523,7 @@ def _describe(exc: ValidationError, data: dict, sources: SourceMap) -> list[str]
     for error in exc.errors():
         path = _data_path(error["loc"], data)
         kind = error["type"]
-        where = sources.where(path)
+        where = sources.where(path, value=kind not in ("extra_forbidden", "missing"))
         if kind == "extra_forbidden":
             model = _model_at(path[:-1])
             hint = _nearest(str(path[-1]), model.model_fields) if model else ""

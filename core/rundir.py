@@ -82,6 +82,11 @@ class RunDir:
         self.state_path = path / "state.json"
         self.events_path = path / "events.log"
 
+    @property
+    def marker(self) -> str:
+        """The value of DYNAMO_RUN_ID in every child's environment: unique on this machine."""
+        return str(self.path.resolve())
+
     @classmethod
     def create(cls, home: Path, run_id: str) -> RunDir:
         run = cls(home / "runs" / run_id)

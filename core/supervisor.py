@@ -222,7 +222,7 @@ class Supervisor:
         spec = comp.spec
         env = dict(os.environ)
         env.update({k: v.replace(RUN_DIR, str(self.run.path)) for k, v in spec.env.items()})
-        env[proctree.RUN_MARKER] = self.run.id
+        env[proctree.RUN_MARKER] = self.run.marker
         env[proctree.PROCESS_MARKER] = spec.name
         env["PYTHONUNBUFFERED"] = "1"
         argv = [a.replace(RUN_DIR, str(self.run.path)) for a in spec.argv]
@@ -377,7 +377,7 @@ class Supervisor:
                     comp.reader.cancel()
             if comp.log is not None:
                 comp.log.close()
-        leftovers = proctree.marked_processes(self.run.id)
+        leftovers = proctree.marked_processes(self.run.marker)
         if leftovers:
             self.printer.system(f"killing {len(leftovers)} leftover processes of this run: {sorted(leftovers)}")
             proctree.signal_all(None, leftovers, signal.SIGKILL)
@@ -393,7 +393,7 @@ class Supervisor:
         if comp.proc is None:
             return
         tree = {**comp.descendants, **proctree.descendants(comp.proc.pid),
-                **proctree.marked_processes(self.run.id, comp.name)}
+                **proctree.marked_processes(self.run.marker, comp.name)}
         if comp.exited.is_set() and not proctree.alive(tree):
             if final:
                 comp.status = comp.status if comp.status in ("failed", "exited") else "stopped"
@@ -443,7 +443,7 @@ class Supervisor:
         read_end, write_end = os.pipe()
         env = {k: v for k, v in os.environ.items() if k not in (proctree.RUN_MARKER, proctree.PROCESS_MARKER)}
         self._sentinel = subprocess.Popen(
-            [sys.executable, "-m", "dynamo.core.sentinel", self.run.id],
+            [sys.executable, "-m", "dynamo.core.sentinel", self.run.marker],
             stdin=read_end, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
             start_new_session=True, env=env, close_fds=True,
         )
@@ -477,6 +477,7 @@ class Supervisor:
             "failure": self.failure,
             "endpoint": self.plan.endpoint,
             "nats_url": self.plan.nats_url,
+            "marker": self.run.marker,
             "supervisor_pid": os.getpid(),
             "supervisor_started": _own_create_time(),
             "sentinel_pid": self._sentinel.pid if self._sentinel else None,

@@ -1,0 +1,189 @@
+"""Plans: GPUs, ports, argv and env decided before anything starts (dry-run), with clear errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import sys
+from pathlib import Path
+
+import pytest
+
+from dynamo.core.errors import PlanError, UsageError
+from dynamo.core.gpus import assumed_inventory, detect_inventory
+from dynamo.core.nats_server import nats_server_binary
+from dynamo.core.plan import build_plan, check_executables, check_ports
+from dynamo.core.profile import SHIPPED_PROFILES_DIR, load_profile, parse_profile
+from tests.conftest import dynamo
+
+GOLDEN = Path(__file__).resolve().parent.parent / "golden"
+
+
+def plan_of(text: str, gpus: int = 8, overrides=(), backend=None):
+    return build_plan(parse_profile(text, "p.yaml", env={}, overrides=overrides, backend=backend), assumed_inventory(gpus))
+
+
+TWO_GROUPS = """
+name: p
+model: {name: m}
+workers:
+  prefill: {role: prefill, replicas: 2, gpus: 2}
+  decode: {role: decode, replicas: 1, gpus: [6, 7]}
+"""
+
+
+def test_gpus_are_assigned_in_order_and_pinned_with_cuda_visible_devices():
+    plan = plan_of(TWO_GROUPS)
+    assert plan.get("prefill-0").gpus == [0, 1]
+    assert plan.get("prefill-1").gpus == [2, 3]
+    assert plan.get("decode-0").gpus == [6, 7]
+    assert plan.get("prefill-1").env["CUDA_VISIBLE_DEVICES"] == "2,3"
+    assert "--tensor-parallel-size" in plan.get("decode-0").argv
+    argv = plan.get("decode-0").argv
+    assert argv[argv.index("--tensor-parallel-size") + 1] == "2"
+
+
+def test_counted_gpus_skip_explicit_ids():
+    plan = plan_of("name: p\nmodel: {name: m}\nworkers:\n  a: {gpus: [0]}\n  b: {replicas: 2, gpus: 1}\n", gpus=3)
+    assert plan.get("a-0").gpus == [0]
+    assert [plan.get("b-0").gpus, plan.get("b-1").gpus] == [[1], [2]]
+
+
+@pytest.mark.parametrize(
+    "text, gpus, expected",
+    [
+        ("name: p\nmodel: {name: m}\nworkers:\n  w: {replicas: 4, gpus: 2}\n", 4, "the profile needs 8 GPUs; 4 GPUs available"),
+        ("name: p\nmodel: {name: m}\nworkers:\n  w: {gpus: [9]}\n", 8, "GPU 9 does not exist"),
+        ("name: p\nmodel: {name: m}\nworkers:\n  a: {gpus: [1]}\n  b: {gpus: [1]}\n", 8, "GPU 1 is already used by a-0"),
+        ("name: p\nmodel: {name: m}\nworkers:\n  w: {gpus: 1}\n", 0, "no NVIDIA GPU"),
+    ],
+)
+def test_gpu_problems_are_errors(text, gpus, expected):
+    with pytest.raises(PlanError) as info:
+        plan_of(text, gpus=gpus)
+    assert expected in str(info.value)
+
+
+def test_mocker_needs_no_gpu():
+    plan = plan_of(TWO_GROUPS, gpus=0, backend="mocker")
+    assert all(not p.gpus and "CUDA_VISIBLE_DEVICES" not in p.env for p in plan.processes)
+
+
+def test_ports_are_unique_and_start_at_the_base():
+    plan = plan_of(TWO_GROUPS, overrides=["ports.base=9100"])
+    claimed = [c.port for c in plan.port_claims()]
+    assert len(claimed) == len(set(claimed))
+    assert plan.get("prefill-0").ports["http"] == 9100
+    assert plan.get("nats").ports == {"client": 4222}
+    assert plan.get("frontend").ports == {"http": 8000}
+
+
+def test_explicit_worker_port_collision_is_refused():
+    with pytest.raises(PlanError, match="port 8000 is planned for both frontend and w-0"):
+        plan_of("name: p\nmodel: {name: m}\nworkers:\n  w: {port: 8000}\n")
+
+
+def test_start_order_and_dependencies():
+    plan = plan_of(TWO_GROUPS)
+    kinds = [p.kind for p in plan.processes]
+    assert kinds == ["nats", "worker", "worker", "worker", "frontend"]
+    assert plan.get("frontend").depends_on == ["nats", "prefill-0", "prefill-1", "decode-0"]
+    assert plan.get("decode-0").depends_on == ["nats"]
+
+
+def test_external_nats_starts_nothing():
+    plan = plan_of("name: p\nmodel: {name: m}\nnats: nats://10.1.2.3:4222\nworkers: {w: {}}\n")
+    assert [p.name for p in plan.processes] == ["w-0", "frontend"]
+    assert plan.nats_url == "nats://10.1.2.3:4222"
+
+
+def test_nats_on_a_public_address_needs_a_token():
+    with pytest.raises(PlanError, match="nats.token"):
+        plan_of("name: p\nmodel: {name: m}\nnats: {host: 0.0.0.0}\nworkers: {w: {}}\n")
+
+
+def test_launcher_owned_flags_are_refused_with_the_key_to_use():
+    with pytest.raises(PlanError, match="use workers.<group>.port or ports.base"):
+        plan_of("name: p\nmodel: {name: m}\nworkers:\n  w: {args: {port: 9}}\n")
+
+
+def test_args_of_another_engine_are_dropped_with_a_note_under_mocker():
+    plan = plan_of("name: p\nmodel: {name: m}\nworkers:\n  w: {args: {enforce-eager: true, max-num-seqs: 8}}\n",
+                   backend="mocker")
+    worker = plan.get("w-0")
+    assert "--enforce-eager" not in worker.argv and "--max-num-seqs" in worker.argv
+    assert worker.notes == ["dropped --enforce-eager (not a mocker flag)"]
+
+
+def test_unknown_mocker_flag_suggests_the_nearest():
+    with pytest.raises(PlanError, match="did you mean 'max-num-seqs'"):
+        plan_of("name: p\nmodel: {name: m}\nbackend: mocker\nworkers:\n  w: {args: {max-num-seq: 8}}\n")
+
+
+def test_port_in_use_names_the_holder():
+    holder = socket.socket()
+    holder.bind(("127.0.0.1", 0))
+    holder.listen()
+    port = holder.getsockname()[1]
+    try:
+        plan = plan_of("name: p\nmodel: {name: m}\nworkers: {w: {}}\n", backend="mocker",
+                       overrides=[f"frontend.port={port}", "nats.port=0", "ports.base=0"])
+        with pytest.raises(UsageError) as info:
+            check_ports(plan)
+        message = str(info.value)
+        assert f"port {port} (frontend http) is already in use by pid {os.getpid()}" in message
+    finally:
+        holder.close()
+
+
+def test_missing_engine_executable_is_a_usage_error():
+    plan = plan_of("name: p\nmodel: {name: m}\nworkers:\n  w: {command: [/nonexistent/engine, --port, '{port}']}\n",
+                   backend="mocker")
+    with pytest.raises(UsageError, match="/nonexistent/engine' is missing"):
+        check_executables(plan)
+
+
+def test_assume_gpus_env_seam(monkeypatch):
+    monkeypatch.setenv("DYNAMO_ASSUME_GPUS", "4")
+    inventory = detect_inventory()
+    assert inventory.source == "assumed" and inventory.count == 4
+
+
+def _normalise(text: str) -> str:
+    text = text.replace(sys.executable, "{python}")
+    binary = nats_server_binary()
+    return text.replace(binary, "{nats-server}") if binary else text
+
+
+@pytest.mark.parametrize("profile", sorted(p.stem for p in SHIPPED_PROFILES_DIR.glob("*.yaml")))
+def test_dry_run_matches_the_golden_plan(profile):
+    """Every shipped profile plans to exactly the committed plan on an assumed 8-GPU machine.
+
+    Regenerate after an intended change with: UPDATE_GOLDEN=1 pytest tests/core/test_plan.py
+    """
+    result = dynamo("serve", profile, "--dry-run", "--json", "--assume-gpus", "8",
+                    env={"DYNAMO_MODEL_PATH": "", "DYNAMO_PORT": ""})
+    assert result.returncode == 0, result.stderr
+    actual = json.loads(_normalise(result.stdout))
+    actual["profile_path"] = Path(actual["profile_path"]).name
+    golden = GOLDEN / f"{profile}.plan.json"
+    if os.environ.get("UPDATE_GOLDEN"):
+        golden.write_text(json.dumps(actual, indent=2) + "\n")
+    assert actual == json.loads(golden.read_text())
+
+
+def test_dry_run_text_shows_everything_a_user_needs():
+    result = dynamo("serve", "agg", "--dry-run", "--assume-gpus", "8")
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    for part in ("decode-0", "CUDA_VISIBLE_DEVICES=0", "CUDA_VISIBLE_DEVICES=1", "ports:    http=8100",
+                 "ready:    GET http://127.0.0.1:8100/health", "after:    nats", "argv:", "frontend"):
+        assert part in out, part
+
+
+def test_dry_run_without_gpus_explains_and_exits_2():
+    result = dynamo("serve", "agg", "--dry-run", env={"DYNAMO_ASSUME_GPUS": ""})
+    assert result.returncode == 2
+    assert "no NVIDIA GPU" in result.stderr and "--backend mocker" in result.stderr
+    assert "Traceback" not in result.stderr

@@ -1,0 +1,127 @@
+"""Profiles: valid ones load; every kind of bad input names file:line, the key path, and exits 2."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from dynamo.core.errors import ProfileError
+from dynamo.core.profile import SHIPPED_PROFILES_DIR, load_profile, parse_profile, profile_json_schema
+from tests.conftest import dynamo
+
+MINIMAL = "name: p\nmodel: {name: m}\nworkers:\n  w: {replicas: 1}\n"
+
+
+def problems(text: str, **kwargs) -> str:
+    with pytest.raises(ProfileError) as info:
+        parse_profile(text, "p.yaml", **kwargs)
+    return str(info.value)
+
+
+def test_minimal_profile_gets_defaults():
+    profile = parse_profile(MINIMAL, env={}).profile
+    assert profile.backend == "vllm"
+    assert profile.nats.embedded and profile.nats.port == 4222
+    assert profile.frontend.port == 8000
+    assert profile.workers["w"].role == "agg" and profile.workers["w"].gpus == 1
+    assert profile.restart.policy == "on-failure"
+
+
+def test_variables_expand_with_defaults_and_types():
+    text = "name: p\nmodel: {name: ${MODEL}}\nfrontend: {port: ${PORT:-8123}}\nworkers:\n  w: {replicas: ${N}}\n"
+    profile = parse_profile(text, env={"MODEL": "qwen", "N": "3"}).profile
+    assert profile.model.name == "qwen"
+    assert profile.frontend.port == 8123
+    assert profile.workers["w"].replicas == 3
+
+
+def test_dollar_dollar_is_a_literal_dollar():
+    profile = parse_profile("name: p\nmodel: {name: a$$b}\nworkers: {w: {}}\n", env={}).profile
+    assert profile.model.name == "a$b"
+
+
+def test_undefined_variable_names_line_and_variable():
+    message = problems("name: p\nmodel: {name: m}\nworkers:\n  w: {replicas: ${REPLICAS}}\n", env={})
+    assert "p.yaml:4:17" in message and "${REPLICAS} is not set" in message
+
+
+def test_set_overrides_values_and_sections():
+    loaded = parse_profile(MINIMAL, env={}, overrides=["frontend.port=9000", "workers.w.replicas=4", "nats.port=0",
+                                                       "workers.w.gpus=[0,1,2,3]"])
+    profile = loaded.profile
+    assert profile.frontend.port == 9000
+    assert profile.workers["w"].replicas == 4
+    assert profile.nats.port == 0
+    assert profile.workers["w"].gpus == [0, 1, 2, 3]
+
+
+def test_error_from_an_override_names_the_flag():
+    message = problems(MINIMAL, env={}, overrides=["frontend.port=-1"])
+    assert "--set frontend.port" in message
+
+
+def test_backend_override():
+    assert parse_profile(MINIMAL, env={}, backend="mocker").profile.backend == "mocker"
+    assert "did you mean 'mocker'" in problems(MINIMAL, env={}, backend="moker")
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("name: p\nmodel: {name: m\nworkers: {}\n", ["p.yaml:3:8", "malformed YAML"]),
+        ("name: p\nmodel: {name: m}\nworkers:\n  w: {replicas: two}\n", ["p.yaml:4:17", "workers.w.replicas", "integer"]),
+        ("name: p\nmodel: {name: m}\nworkers:\n  w: {replica: 2}\n", ["p.yaml:4:7", "workers.w.replica", "did you mean 'replicas'"]),
+        ("name: p\nworkers:\n  w: {}\n", ["model", "required key is missing"]),
+        ("name: p\nmodel: {name: m}\nworkers:\n  w: {replicas: -1}\n", ["workers.w.replicas", "greater than or equal to 0"]),
+        ("name: p\nmodel: {name: m}\nworkers:\n  w: {gpus: [0, 1, 0]}\n", ["workers.w.gpus", "GPU id 0 is listed twice"]),
+        ("name: p\nmodel: {name: m}\nworkers:\n  w: {replicas: 2, gpus: [0, 1, 2]}\n", ["cannot be split evenly"]),
+        ("name: p\nmodel: {name: m}\nrouter: {mode: fastest}\nworkers: {w: {}}\n", ["p.yaml:3:16", "router.mode"]),
+        ("name: p\nmodel: {name: m}\nrestart: {backoff: {initial: soon}}\nworkers: {w: {}}\n", ["restart.backoff.initial", "duration"]),
+        ("name: p\nmodel: {name: m}\nnats: redis://x\nworkers: {w: {}}\n", ["nats", "nats:// URL"]),
+        ("- just\n- a list\n", ["a profile is a YAML mapping"]),
+        ("name: p\nmodel: {name: m}\nworkers: {w: {}}\nfrontnd: {port: 1}\n", ["p.yaml:4:1", "did you mean 'frontend'"]),
+    ],
+)
+def test_bad_profiles_are_explained(text, expected):
+    message = problems(text, env={})
+    for part in expected:
+        assert part in message, message
+
+
+def test_every_problem_is_reported_at_once():
+    message = problems("name: p\nmodel: {name: m}\nworkers:\n  w: {replicas: -1, gpu: 1}\n", env={})
+    assert "replicas" in message and "did you mean 'gpus'" in message
+
+
+def test_cli_validate_reports_and_exits_2(tmp_path: Path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: p\nmodel: {name: m}\nworkers:\n  w: {replicas: -1}\n")
+    result = dynamo("profile", "validate", str(bad))
+    assert result.returncode == 2
+    assert f"{bad}:4:17: workers.w.replicas" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_cli_validate_shipped_profiles():
+    names = [p.stem for p in SHIPPED_PROFILES_DIR.glob("*.yaml")]
+    assert "agg" in names
+    result = dynamo("profile", "validate", *names)
+    assert result.returncode == 0, result.stderr
+
+
+def test_every_shipped_profile_loads_with_the_mocker():
+    for path in SHIPPED_PROFILES_DIR.glob("*.yaml"):
+        assert load_profile(path, backend="mocker").profile.backend == "mocker"
+
+
+def test_committed_schema_is_current():
+    committed = json.loads((SHIPPED_PROFILES_DIR / "schema.json").read_text())
+    assert committed == profile_json_schema(), "run: dynamo profile schema -o profiles/schema.json"
+
+
+def test_schema_accepts_durations_as_strings():
+    schema = profile_json_schema()
+    backoff = schema["$defs"]["Backoff"]["properties"]["initial"]
+    assert any(option.get("type") == "string" for option in backoff["anyOf"])

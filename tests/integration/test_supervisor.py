@@ -1,0 +1,231 @@
+"""The supervisor with real processes: order, readiness, restarts, stops, orphans, ports, run commands."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import time
+
+import httpx
+import pytest
+
+from tests.conftest import dynamo, fake_profile, marked
+
+pytestmark = pytest.mark.slow
+
+
+def _started(events: list[dict]) -> list[str]:
+    return [e["process"] for e in events if e["event"] == "started"]
+
+
+def test_start_order_readiness_gating_and_reverse_stop(tmp_path, serve):
+    profile = fake_profile(tmp_path, engine_args="--ready-after 0.5")
+    run = serve(profile)
+    state = run.wait_ready()
+    events = run.events()
+    order = [(e["process"], e["event"]) for e in events if e["event"] in ("started", "ready")]
+    # nats first, workers after nats is ready, the frontend only after both workers are ready
+    assert order[0] == ("nats", "started") and order[1] == ("nats", "ready")
+    frontend_started = order.index(("frontend", "started"))
+    for worker in ("w-0", "w-1"):
+        assert order.index((worker, "started")) > 1
+        assert order.index((worker, "ready")) < frontend_started
+    assert state["processes"]["w-0"]["status"] == "ready"
+
+    # the frontend serves through the workers found in discovery
+    reply = httpx.post(state["endpoint"] + "/v1/chat/completions",
+                       json={"model": "fake", "messages": [{"role": "user", "content": "hi"}]}, timeout=10)
+    assert reply.status_code == 200 and reply.json()["choices"][0]["message"]["content"].startswith("pid ")
+    health = httpx.get(state["endpoint"] + "/health", timeout=5).json()
+    assert sorted(w["name"] for w in health["workers"]) == ["w-0", "w-1"]
+
+    run.proc.send_signal(signal.SIGINT)
+    assert run.wait_exit() == 0
+    stops = [e["process"] for e in run.events() if e["event"] == "stopped"]
+    assert stops.index("frontend") < stops.index("w-0") < stops.index("nats")
+    assert stops.index("w-1") < stops.index("nats")
+    assert marked(run.marker) == []
+    assert run.state()["status"] == "stopped"
+
+
+def test_worker_that_exits_at_once_restarts_with_growing_delays_then_fails(tmp_path, serve):
+    profile = fake_profile(
+        tmp_path, replicas=1, engine_args="--exit-at-once 3",
+        restart="{policy: on-failure, max_restarts: 3, backoff: {initial: 0.2s, max: 5s, multiplier: 2, jitter: 0}}",
+    )
+    run = serve(profile)
+    code = run.wait_exit(60)
+    assert code == 1
+    restarts = [e for e in run.events() if e["process"] == "w-0" and e["event"] == "restarting"]
+    delays = [float(e["message"].split("restarting in ")[1].split("s")[0]) for e in restarts]
+    assert delays == [0.2, 0.4, 0.8]
+    assert _started(run.events()).count("w-0") == 4
+    state = run.state()
+    assert state["status"] == "failed"
+    assert state["processes"]["w-0"]["status"] == "failed"
+    assert "w-0 failed after 3 restarts" in state["failure"]
+    assert "frontend" not in _started(run.events())  # never started: its dependencies never became ready
+    assert marked(run.marker) == []
+
+
+def test_worker_that_never_becomes_ready_hits_the_probe_timeout(tmp_path, serve):
+    profile = fake_profile(
+        tmp_path, replicas=1, engine_args="--never-ready", restart="{policy: on-failure, max_restarts: 0}",
+        extra="",
+    )
+    text = profile.read_text().replace("readiness_probe: {period: 0.1}", "readiness_probe: {period: 0.1, startup_timeout: 1.5s}")
+    profile.write_text(text)
+    run = serve(profile)
+    assert run.wait_exit(30) == 1
+    timeouts = [e for e in run.events() if e["process"] == "w-0" and e["event"] == "timeout"]
+    assert timeouts and "never became ready" in timeouts[0]["message"]
+    assert "GET http://127.0.0.1:" in run.state()["processes"]["w-0"]["reason"]
+    assert marked(run.marker) == []
+
+
+def test_sigterm_during_startup_stops_everything_cleanly(tmp_path, serve):
+    profile = fake_profile(tmp_path, engine_args="--ready-after 30")
+    run = serve(profile)
+    run.wait_for(lambda: run.state().get("processes", {}).get("w-1", {}).get("status") == "starting",
+                 what="workers starting")
+    run.proc.send_signal(signal.SIGTERM)
+    assert run.wait_exit(30) == 0
+    assert run.state()["status"] == "stopped"
+    assert "frontend" not in _started(run.events())
+    assert marked(run.marker) == []
+
+
+def test_sigkill_of_the_supervisor_leaves_no_process_behind(tmp_path, serve):
+    escape_port = _free_port()
+    profile = fake_profile(tmp_path, replicas=2, engine_args=f"--escape-port {escape_port}")
+    # only replica 0 holds the escape port; replica 1 escapes without a port
+    profile.write_text(profile.read_text().replace("replicas: 2", "replicas: 1"))
+    run = serve(profile)
+    run.wait_ready()
+    assert len(marked(run.marker)) >= 4  # nats, worker, its escaped grandchild, frontend
+    os.kill(run.state()["supervisor_pid"], signal.SIGKILL)
+    deadline = time.monotonic() + 2.0
+    while marked(run.marker) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert marked(run.marker) == [], "processes of the run survived their supervisor"
+    _assert_port_free(escape_port)
+
+
+def test_escaped_descendants_are_killed_on_a_normal_stop(tmp_path, serve):
+    escape_port = _free_port()
+    profile = fake_profile(tmp_path, replicas=1, engine_args=f"--escape-port {escape_port}")
+    run = serve(profile)
+    run.wait_ready()
+    run.proc.send_signal(signal.SIGINT)
+    assert run.wait_exit() == 0
+    assert marked(run.marker) == []
+    _assert_port_free(escape_port)
+
+
+def test_worker_ignoring_sigterm_is_killed_after_its_grace_period(tmp_path, serve):
+    profile = fake_profile(tmp_path, replicas=1, engine_args="--ignore-sigterm")
+    profile.write_text(profile.read_text().replace("readiness_probe: {period: 0.1}",
+                                                   "readiness_probe: {period: 0.1}\n    grace_period: 1s"))
+    run = serve(profile)
+    run.wait_ready()
+    started = time.monotonic()
+    run.proc.send_signal(signal.SIGINT)
+    assert run.wait_exit() == 0
+    assert 0.9 <= time.monotonic() - started < 10
+    killed = [e for e in run.events() if e["process"] == "w-0" and e["event"] == "killed"]
+    assert killed and "after 1s grace: SIGKILL" in killed[0]["message"]
+    assert marked(run.marker) == []
+
+
+def test_a_crashed_ready_worker_is_restarted_and_rejoins(tmp_path, serve):
+    profile = fake_profile(tmp_path, replicas=1,
+                           restart="{policy: on-failure, max_restarts: 2, backoff: {initial: 0.1s, jitter: 0}}")
+    run = serve(profile)
+    state = run.wait_ready()
+    first_pid = state["processes"]["w-0"]["pid"]
+    os.kill(first_pid, signal.SIGKILL)
+    run.wait_for(lambda: (p := run.state()["processes"]["w-0"])["status"] == "ready" and p["pid"] != first_pid,
+                 what="restarted worker ready")
+    endpoint = run.state()["endpoint"]
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        workers = httpx.get(endpoint + "/health", timeout=5).json().get("workers", [])
+        if workers:
+            break
+        time.sleep(0.1)
+    reply = httpx.post(endpoint + "/v1/chat/completions", json={"model": "fake", "messages": []}, timeout=10)
+    assert reply.status_code == 200
+    assert run.state()["processes"]["w-0"]["restarts"] == 1
+
+
+def test_port_conflict_is_refused_before_anything_starts(tmp_path):
+    holder = socket.socket()
+    holder.bind(("127.0.0.1", 0))
+    holder.listen()
+    port = holder.getsockname()[1]
+    try:
+        profile = fake_profile(tmp_path)
+        result = dynamo("serve", str(profile), "--set", f"frontend.port={port}", env={"DYNAMO_HOME": str(tmp_path)})
+        assert result.returncode == 2
+        assert f"port {port} (frontend http) is already in use by pid {os.getpid()}" in result.stderr
+        assert "Traceback" not in result.stderr
+        assert not (tmp_path / "runs").exists(), "nothing may be started or created"
+    finally:
+        holder.close()
+
+
+def test_detach_ps_logs_stop(tmp_path):
+    profile = fake_profile(tmp_path)
+    env = {"DYNAMO_HOME": str(tmp_path / "home")}
+    run_id = None
+    try:
+        result = dynamo("serve", str(profile), "--detach", env=env, timeout=60)
+        assert result.returncode == 0, result.stdout + result.stderr
+        assert "endpoint: http://127.0.0.1:" in result.stdout
+        run_id = result.stdout.split()[1]
+
+        ps = dynamo("ps", "--json", env=env)
+        state = json.loads(ps.stdout)
+        assert state["run_id"] == run_id and state["status"] == "ready"
+        assert {n: p["status"] for n, p in state["processes"].items()} == {
+            "nats": "ready", "w-0": "ready", "w-1": "ready", "frontend": "ready"}
+        table = dynamo("ps", env=env).stdout
+        assert "w-1" in table and "ready" in table
+
+        logs = dynamo("logs", "--no-prefix", "w-0", env=env).stdout
+        assert "fake engine listening on" in logs
+        logs = dynamo("logs", "--tail", "1", "--grep", "listening", "--timestamps", env=env).stdout
+        lines = [line for line in logs.splitlines() if line.strip()]
+        assert any(line.startswith("w-0") and "Z fake engine listening" in line for line in lines)
+        assert all("listening" in line for line in lines)
+        assert dynamo("logs", run_id, "nope", env=env).returncode == 2
+
+        stop = dynamo("stop", env=env, timeout=60)
+        assert stop.returncode == 0, stop.stderr
+        assert "stopped" in stop.stdout
+        assert dynamo("ps", run_id, "--json", env=env).stdout and json.loads(
+            dynamo("ps", run_id, "--json", env=env).stdout)["status"] == "stopped"
+        assert marked(str((tmp_path / "home" / "runs" / run_id).resolve())) == []
+    finally:
+        if run_id:
+            dynamo("stop", run_id, "--timeout", "5", env=env)
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _assert_port_free(port: int) -> None:
+    deadline = time.monotonic() + 2
+    while time.monotonic() < deadline:
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+                return
+            except OSError:
+                time.sleep(0.05)
+    raise AssertionError(f"port {port} is still held by an escaped process")
