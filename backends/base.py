@@ -39,6 +39,8 @@ class WorkerLaunch:
     readiness_probe: ReadinessProbe = field(default_factory=lambda: ReadinessProbe(http_get={"path": "/health"}))
     discovery: dict[str, Any] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    # files the supervisor writes before starting the process: path (may contain {run_dir}) -> content
+    files: dict[str, str] = field(default_factory=dict)
 
 
 class Backend:

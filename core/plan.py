@@ -70,6 +70,7 @@ class ProcessSpec(BaseModel):
     grace_period: float
     required: bool = True
     discovery: dict[str, Any] | None = Field(None, description="Registered in discovery once ready.")
+    files: dict[str, str] = Field(default_factory=dict, description="Written before start: path -> content.")
     notes: list[str] = Field(default_factory=list)
 
     @property
@@ -283,7 +284,7 @@ def build_plan(
                 required=group.required,
                 discovery={"role": group.role, "group": group_name, "url": url, "model": profile.model.name,
                            **launch.discovery},
-                notes=launch.notes,
+                notes=launch.notes, files=launch.files,
             ))
             worker_names.append(name)
     if gpus and gpus.problems:

@@ -228,6 +228,11 @@ class Supervisor:
         argv = [a.replace(RUN_DIR, str(self.run.path)) for a in spec.argv]
         if spec.kind == "nats":
             os.makedirs(self.run.path / "nats", exist_ok=True)
+        for path, content in spec.files.items():
+            target = path.replace(RUN_DIR, str(self.run.path))
+            os.makedirs(os.path.dirname(target) or ".", exist_ok=True)
+            with open(target, "w") as fh:
+                fh.write(content.replace(RUN_DIR, str(self.run.path)))
         comp.exited.clear()
         comp.log_matched = False
         comp.exit_code = None
