@@ -1,9 +1,12 @@
 """The frontend: one OpenAI-compatible endpoint in front of the workers found in discovery.
 
-Validates requests, picks a worker (round_robin, random or least_loaded over the ready
-workers of the namespace), and proxies the request, streaming SSE chunks through as they
-arrive over pooled keep-alive connections. A request that fails before any byte of the
-response is retried on another worker.
+Per request: validate (OpenAI-style 4xx errors), pick a worker (locally for round_robin,
+random and least_loaded; by asking the KV router over NATS for ``kv``, falling back to
+round-robin when it does not answer in time), orchestrate prefill → decode when prefill
+workers exist (vLLM's ``kv_transfer_params`` protocol), and stream the answer through
+over pooled keep-alive connections. A request that fails before its first token is
+retried on another worker; a stream that breaks midway is migrated to another worker,
+continuing from the text generated so far, up to ``--migration-limit`` times.
 
 Run as ``python -m dynamo.core.frontend --port 8000 --nats-url nats://127.0.0.1:4222 --namespace NAME``.
 """
@@ -13,33 +16,91 @@ from __future__ import annotations
 import argparse
 import asyncio
 import itertools
-import json
+import os
 import random
 import signal
 import sys
 import time
 import uuid
 from collections import defaultdict
+from dataclasses import dataclass, field
 
 import aiohttp
+import msgspec
 from aiohttp import web
-from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from dynamo.core.discovery import DEFAULT_TTL, DiscoveryWatcher, Instance, connect
+from dynamo.core.hashing import chain_block_hashes
 
 MAX_BODY = 32 * 2**20
-_RETRYABLE = (aiohttp.ClientConnectionError, asyncio.TimeoutError)
-_HOP_HEADERS = {"content-length", "transfer-encoding", "connection", "keep-alive", "content-encoding"}
+SUSPECT_SECONDS = 2.0
+_HOP_HEADERS = {"content-length", "transfer-encoding", "connection", "keep-alive", "content-encoding", "date", "server"}
+_json_encode = msgspec.json.Encoder().encode
+_json_decode = msgspec.json.Decoder().decode
+_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 
 
-def openai_error(status: int, message: str, kind: str = "invalid_request_error", param: str | None = None,
-                 code: str | None = None) -> web.Response:
-    body = {"error": {"message": message, "type": kind, "param": param, "code": code or status}}
-    return web.json_response(body, status=status)
+class ApiError(Exception):
+    def __init__(self, status: int, message: str, kind: str = "invalid_request_error", param: str | None = None,
+                 code: str | int | None = None):
+        super().__init__(message)
+        self.status, self.message, self.kind, self.param, self.code = status, message, kind, param, code
+
+    def response(self, request_id: str | None = None) -> web.Response:
+        body = {"error": {"message": self.message, "type": self.kind, "param": self.param,
+                          "code": self.code if self.code is not None else self.status}}
+        headers = {"x-request-id": request_id} if request_id else None
+        return web.Response(body=_json_encode(body), status=self.status, content_type="application/json",
+                            headers=headers)
+
+
+class UpstreamFailed(Exception):
+    """A worker failed before anything reached the client: safe to retry elsewhere."""
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def validate(body: object, field_name: str, served_model: str | None) -> dict:
+    """Check what the gateway must know is right; engines validate the rest."""
+    if not isinstance(body, dict):
+        raise ApiError(400, "request body must be a JSON object")
+    if field_name not in body:
+        raise ApiError(400, f"'{field_name}' is required", param=field_name)
+    if field_name == "messages":
+        messages = body["messages"]
+        if not isinstance(messages, list) or not messages:
+            raise ApiError(400, "'messages' must be a non-empty array", param="messages")
+        for i, message in enumerate(messages):
+            if not isinstance(message, dict) or not isinstance(message.get("role"), str):
+                raise ApiError(400, f"'messages[{i}]' must be an object with a 'role'", param="messages")
+    else:
+        prompt = body["prompt"]
+        if not (isinstance(prompt, str) or (isinstance(prompt, list) and prompt and
+                                             all(isinstance(t, int) and not isinstance(t, bool) for t in prompt))):
+            raise ApiError(400, "'prompt' must be a string or a non-empty array of token ids", param="prompt")
+    model = body.get("model")
+    if not isinstance(model, str):
+        raise ApiError(400, "'model' is required and must be a string", param="model")
+    if served_model and model != served_model:
+        raise ApiError(404, f"the model {model!r} does not exist; this endpoint serves {served_model!r}",
+                       "not_found_error", param="model", code="model_not_found")
+    stream = body.get("stream", False)
+    if not isinstance(stream, bool):
+        raise ApiError(400, "'stream' must be a boolean", param="stream")
+    for key in ("max_tokens", "max_completion_tokens", "min_tokens", "n"):
+        value = body.get(key)
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 0):
+            raise ApiError(400, f"'{key}' must be a non-negative integer", param=key)
+    return body
+
+
+# --------------------------------------------------------------------------- worker choice
 
 
 class WorkerPicker:
-    """Chooses a worker among the ready ones; the routing mode is a small policy."""
+    """Local routing modes: round_robin, random, least_loaded (by in-flight requests)."""
 
     def __init__(self, mode: str, rng: random.Random | None = None):
         self.mode = mode
@@ -47,47 +108,87 @@ class WorkerPicker:
         self.counter = itertools.count()
         self.in_flight: dict[str, int] = defaultdict(int)
 
-    def pick(self, workers: list[Instance], exclude: set[str]) -> Instance | None:
-        candidates = [w for w in workers if w.key not in exclude]
-        if not candidates:
+    def pick(self, workers: list[Instance]) -> Instance | None:
+        if not workers:
             return None
         if self.mode == "random":
-            return self.rng.choice(candidates)
+            return self.rng.choice(workers)
         if self.mode == "least_loaded":
-            least = min(self.in_flight[w.key] for w in candidates)
-            tied = [w for w in candidates if self.in_flight[w.key] == least]
+            least = min(self.in_flight[w.key] for w in workers)
+            tied = [w for w in workers if self.in_flight[w.key] == least]
             return tied[next(self.counter) % len(tied)]
-        return candidates[next(self.counter) % len(candidates)]
+        return workers[next(self.counter) % len(workers)]
+
+
+@dataclass
+class Attempt:
+    """One request's journey: what has been sent to the client, for metrics and migration."""
+
+    request_id: str
+    path: str
+    body: dict
+    started: float = field(default_factory=time.perf_counter)
+    first_token_at: float | None = None
+    last_token_at: float | None = None
+    chunks: int = 0
+    text: list[str] = field(default_factory=list)
+    usage: dict | None = None
+    finished: bool = False
+    tried: set[str] = field(default_factory=set)
+    hashes: list[int] | None = None
+    prompt_tokens: int | None = None
+    migrated: bool = False
 
 
 class Frontend:
-    def __init__(self, nats_url: str, namespace: str, model: str | None, router_mode: str,
-                 ttl: float = DEFAULT_TTL, api_key: str | None = None):
-        self.nats_url = nats_url
-        self.namespace = namespace
-        self.model = model
-        self.api_key = api_key
-        self.ttl = ttl
-        self.picker = WorkerPicker(router_mode)
+    def __init__(self, args: argparse.Namespace):
+        self.args = args
+        self.nats_url = args.nats_url
+        self.namespace = args.namespace
+        self.model = args.model
+        self.picker = WorkerPicker(args.router_mode if args.router_mode != "kv" else "round_robin")
         self.watcher: DiscoveryWatcher | None = None
         self.nc = None
         self.session: aiohttp.ClientSession | None = None
-        self.registry = CollectorRegistry()
-        self.m_requests = Counter("dynamo_frontend_requests", "Requests by endpoint and status",
-                                  ["endpoint", "status"], registry=self.registry)
-        self.m_inflight = Gauge("dynamo_frontend_inflight_requests", "Requests in flight", registry=self.registry)
-        self.m_retries = Counter("dynamo_frontend_retries", "Requests retried on another worker", registry=self.registry)
+        self.tokenizer = None
+        self.suspect: dict[str, float] = {}
+        registry = self.registry = CollectorRegistry()
+        self.m_requests = Counter("dynamo_frontend_requests", "Requests by endpoint, type and status",
+                                  ["endpoint", "request_type", "status"], registry=registry)
+        self.m_inflight = Gauge("dynamo_frontend_inflight_requests", "Requests in flight", registry=registry)
+        self.m_ttft = Histogram("dynamo_frontend_time_to_first_token_seconds", "Time to first token",
+                                buckets=_LATENCY_BUCKETS, registry=registry)
+        self.m_itl = Histogram("dynamo_frontend_inter_token_latency_seconds", "Gap between streamed chunks",
+                               buckets=_LATENCY_BUCKETS, registry=registry)
+        self.m_duration = Histogram("dynamo_frontend_request_duration_seconds", "Request duration",
+                                    buckets=_LATENCY_BUCKETS, registry=registry)
+        self.m_input = Counter("dynamo_frontend_input_sequence_tokens", "Prompt tokens", registry=registry)
+        self.m_output = Counter("dynamo_frontend_output_sequence_tokens", "Generated tokens", registry=registry)
+        self.m_errors = Counter("dynamo_frontend_errors", "Errors by type", ["type"], registry=registry)
+        self.m_retries = Counter("dynamo_frontend_retries", "Requests retried on another worker before their first token",
+                                 registry=registry)
+        self.m_migrations = Counter("dynamo_frontend_migrations", "Streams moved to another worker midway",
+                                    registry=registry)
+        self.m_fallbacks = Counter("dynamo_frontend_router_fallbacks", "Router did not answer in time: round-robin used",
+                                   registry=registry)
+        self.m_disagg = Counter("dynamo_frontend_disaggregated_requests", "Requests by prefill path",
+                                ["path"], registry=registry)
 
     # --------------------------------------------------------------- lifecycle
 
     async def start(self, app: web.Application) -> None:
         self.nc = await connect(self.nats_url, "dynamo-frontend", timeout=10.0)
-        self.watcher = DiscoveryWatcher(self.nc, self.namespace, self.ttl)
+        self.watcher = DiscoveryWatcher(self.nc, self.namespace, self.args.discovery_ttl)
         await self.watcher.start()
         self.session = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=60), trust_env=False,
-            timeout=aiohttp.ClientTimeout(total=None, sock_connect=5),
+            connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=60, enable_cleanup_closed=True),
+            trust_env=False, timeout=aiohttp.ClientTimeout(total=None, sock_connect=5),
+            json_serialize=lambda o: _json_encode(o).decode(),
         )
+        if self.args.router_mode == "kv" or self.args.disagg_threshold:
+            from dynamo.core.tokenizer import load_tokenizer
+
+            self.tokenizer = load_tokenizer(self.args.model_path)
 
     async def stop(self, app: web.Application) -> None:
         if self.watcher:
@@ -116,29 +217,42 @@ class Frontend:
     async def _errors(self, request: web.Request, handler):
         try:
             return await handler(request)
+        except ApiError as exc:
+            self.m_errors.labels(exc.kind).inc()
+            return exc.response(request.headers.get("x-request-id"))
         except web.HTTPException as exc:
             if exc.status >= 400 and request.path.startswith("/v1/"):
-                return openai_error(exc.status, exc.reason or "error", code=str(exc.status))
+                kind = "not_found_error" if exc.status == 404 else "invalid_request_error"
+                return ApiError(exc.status, exc.reason or "error", kind).response()
             raise
 
-    # --------------------------------------------------------------- routes
+    # --------------------------------------------------------------- discovery views
 
-    def ready_workers(self) -> list[Instance]:
+    def pool(self, roles: tuple[str, ...]) -> list[Instance]:
         if self.watcher is None:
             return []
-        return sorted((i for i in self.watcher.instances.values() if i.role in ("agg", "decode")),
-                      key=lambda i: i.key)
+        now = time.monotonic()
+        ready = [i for i in self.watcher.instances.values() if i.role in roles]
+        healthy = [i for i in ready if self.suspect.get(i.key, 0) <= now]
+        return sorted(healthy or ready, key=lambda i: i.key)
+
+    def serving_workers(self) -> list[Instance]:
+        return self.pool(("agg", "decode"))
+
+    # --------------------------------------------------------------- simple routes
 
     async def health(self, request: web.Request) -> web.Response:
-        workers = self.ready_workers()
+        workers = sorted(self.watcher.instances.values(), key=lambda i: i.key) if self.watcher else []
+        now = time.monotonic()
+        serving = [w for w in workers if w.role in ("agg", "decode")]
         body = {
-            "status": "healthy" if workers else "unhealthy",
-            "workers": [{"name": w.data.get("name"), "url": w.url, "role": w.role, "node": w.data.get("node")}
-                        for w in workers],
+            "status": "healthy" if serving else "unhealthy",
+            "workers": [{"name": w.data.get("name"), "url": w.url, "role": w.role, "node": w.data.get("node"),
+                         "status": "suspect" if self.suspect.get(w.key, 0) > now else "ready"} for w in workers],
         }
-        if not workers:
-            body["message"] = "no worker is ready"
-        return web.json_response(body, status=200 if workers else 503)
+        if not serving:
+            body["message"] = "no worker can serve yet"
+        return web.json_response(body, status=200 if serving else 503)
 
     async def live(self, request: web.Request) -> web.Response:
         return web.json_response({"status": "live"})
@@ -147,7 +261,7 @@ class Frontend:
         return web.Response(body=generate_latest(self.registry), content_type="text/plain", charset="utf-8")
 
     async def models(self, request: web.Request) -> web.Response:
-        names = sorted({w.data.get("model") for w in self.ready_workers() if w.data.get("model")})
+        names = sorted({w.data.get("model") for w in self.serving_workers() if w.data.get("model")})
         data = [{"id": n, "object": "model", "created": 0, "owned_by": "dynamo"} for n in names]
         return web.json_response({"object": "list", "data": data})
 
@@ -157,103 +271,394 @@ class Frontend:
     async def completions(self, request: web.Request) -> web.StreamResponse:
         return await self._generate(request, "/v1/completions", "prompt")
 
-    # --------------------------------------------------------------- proxying
+    # --------------------------------------------------------------- generation
 
-    async def _generate(self, request: web.Request, path: str, field: str) -> web.StreamResponse:
-        if self.api_key and request.headers.get("Authorization") != f"Bearer {self.api_key}":
-            return openai_error(401, "invalid or missing API key", "authentication_error")
+    async def _generate(self, request: web.Request, path: str, field_name: str) -> web.StreamResponse:
+        request_id = request.headers.get("x-request-id") or uuid.uuid4().hex
+        if self.args.api_key and request.headers.get("Authorization") != f"Bearer {self.args.api_key}":
+            raise ApiError(401, "invalid or missing API key", "authentication_error", code="invalid_api_key")
         try:
             raw = await request.read()
         except web.HTTPRequestEntityTooLarge:
-            return openai_error(413, f"request body larger than {MAX_BODY} bytes")
+            raise ApiError(413, f"request body is larger than {MAX_BODY} bytes") from None
         try:
-            body = json.loads(raw)
-        except ValueError as exc:
-            return openai_error(400, f"request body is not valid JSON: {exc}")
-        if not isinstance(body, dict):
-            return openai_error(400, "request body must be a JSON object")
-        if field not in body:
-            return openai_error(400, f"'{field}' is required", param=field)
-        model = body.get("model")
-        if not isinstance(model, str):
-            return openai_error(400, "'model' is required and must be a string", param="model")
-        if self.model and model != self.model:
-            return openai_error(404, f"the model {model!r} does not exist; this endpoint serves {self.model!r}",
-                                "not_found_error", param="model", code="model_not_found")
-        request_id = request.headers.get("x-request-id") or uuid.uuid4().hex
+            body = _json_decode(raw)
+        except msgspec.DecodeError as exc:
+            raise ApiError(400, f"request body is not valid JSON: {exc}") from None
+        validate(body, field_name, self.model)
+        attempt = Attempt(request_id, path, body)
         self.m_inflight.inc()
+        status = "500"
         try:
-            response = await self._forward(request, path, raw, request_id)
+            response = await self._serve(request, attempt)
+            status = str(response.status)
+            return response
+        except ApiError as exc:
+            status = str(exc.status)
+            raise
         finally:
             self.m_inflight.dec()
-        self.m_requests.labels(path, str(response.status)).inc()
-        return response
+            self.m_requests.labels(path, "stream" if body.get("stream") else "unary", status).inc()
+            self.m_duration.observe(time.perf_counter() - attempt.started)
+            await self._router_event("finished", attempt)
 
-    async def _forward(self, request: web.Request, path: str, raw: bytes, request_id: str) -> web.StreamResponse:
-        tried: set[str] = set()
-        headers = {"Content-Type": "application/json", "x-request-id": request_id}
+    async def _serve(self, request: web.Request, attempt: Attempt) -> web.StreamResponse:
+        prefill_params = await self._maybe_prefill(attempt)
+        response: web.StreamResponse | None = None
+        migrations = 0
         while True:
-            worker = self.picker.pick(self.ready_workers(), tried)
+            worker = await self._choose(attempt, ("agg", "decode"))
             if worker is None:
-                if tried:
-                    return openai_error(503, f"all {len(tried)} workers failed to answer", "service_unavailable")
-                return openai_error(503, "no worker is ready", "service_unavailable")
-            tried.add(worker.key)
+                if response is not None:
+                    await self._stream_error(response, "no worker left to continue the stream")
+                    return response
+                if attempt.tried:
+                    raise ApiError(503, f"all {len(attempt.tried)} workers tried failed to answer", "service_unavailable")
+                raise ApiError(503, "no worker is ready", "service_unavailable")
+            attempt.tried.add(worker.key)
+            body = self._body_for(attempt, prefill_params if response is None else None)
             self.picker.in_flight[worker.key] += 1
             try:
-                return await self._relay(request, worker, path, raw, headers, request_id)
-            except _RETRYABLE:
+                result = await self._relay(request, attempt, worker, body, response)
+            except UpstreamFailed:
+                self.suspect[worker.key] = time.monotonic() + SUSPECT_SECONDS
                 self.m_retries.inc()
                 continue
             finally:
                 self.picker.in_flight[worker.key] -= 1
+            if isinstance(result, web.StreamResponse) and attempt.finished:
+                return result
+            # the stream broke midway
+            response = result
+            self.suspect[worker.key] = time.monotonic() + SUSPECT_SECONDS
+            if migrations >= self.args.migration_limit or not self._can_continue(attempt):
+                await self._stream_error(response, f"worker {worker.data.get('name')} failed mid-stream")
+                return response
+            migrations += 1
+            attempt.migrated = True
+            self.m_migrations.inc()
 
-    async def _relay(self, request: web.Request, worker: Instance, path: str, raw: bytes,
-                     headers: dict[str, str], request_id: str) -> web.StreamResponse:
-        """Send to one worker; raises a retryable error only before anything reached the client."""
-        assert self.session is not None
-        async with self.session.post(worker.url + path, data=raw, headers=headers) as upstream:
-            out_headers = {k: v for k, v in upstream.headers.items() if k.lower() not in _HOP_HEADERS}
-            out_headers["x-request-id"] = request_id
-            if not upstream.headers.get("Content-Type", "").startswith("text/event-stream"):
-                body = await upstream.read()
-                return web.Response(body=body, status=upstream.status, headers=out_headers)
-            response = web.StreamResponse(status=upstream.status, headers=out_headers)
-            await response.prepare(request)
+    def _body_for(self, attempt: Attempt, kv_transfer_params: dict | None) -> dict:
+        body = attempt.body
+        if attempt.chunks and not attempt.finished:
+            body = self._continuation(attempt)
+        if kv_transfer_params:
+            body = {**body, "kv_transfer_params": kv_transfer_params}
+        return body
+
+    def _can_continue(self, attempt: Attempt) -> bool:
+        return attempt.path.endswith("chat/completions") or isinstance(attempt.body.get("prompt"), str)
+
+    def _continuation(self, attempt: Attempt) -> dict:
+        """The original request, continued from what the client already received."""
+        body = dict(attempt.body)
+        generated = "".join(attempt.text)
+        if attempt.path.endswith("chat/completions"):
+            body["messages"] = [*body["messages"], {"role": "assistant", "content": generated}]
+            body["continue_final_message"] = True
+            body["add_generation_prompt"] = False
+        else:
+            body["prompt"] = body["prompt"] + generated
+        for key in ("max_tokens", "max_completion_tokens"):
+            if isinstance(body.get(key), int):
+                body[key] = max(body[key] - attempt.chunks, 1)
+        if isinstance(body.get("min_tokens"), int):
+            body["min_tokens"] = max(body["min_tokens"] - attempt.chunks, 0)
+        return body
+
+    # --------------------------------------------------------------- routing
+
+    def _hashes(self, attempt: Attempt) -> list[int]:
+        if attempt.hashes is None:
+            ids: list[int] = []
+            if self.tokenizer is not None:
+                try:
+                    if attempt.path.endswith("chat/completions"):
+                        ids = self.tokenizer.apply_chat_template(attempt.body["messages"])
+                    elif isinstance(attempt.body["prompt"], str):
+                        ids = self.tokenizer.encode(attempt.body["prompt"])
+                    else:
+                        ids = attempt.body["prompt"]
+                except Exception:
+                    ids = []  # the engine reports template problems itself
+            attempt.prompt_tokens = len(ids)
+            attempt.hashes = chain_block_hashes(ids, self.args.block_size) if ids else []
+        return attempt.hashes
+
+    async def _choose(self, attempt: Attempt, roles: tuple[str, ...]) -> Instance | None:
+        workers = [w for w in self.pool(roles) if w.key not in attempt.tried]
+        if not workers:
+            return None
+        if self.args.router_mode == "kv" and not attempt.tried:
+            decision = await self._ask_router(attempt, "agg")
+            if decision is not None:
+                chosen = next((w for w in workers if w.key == decision.get("worker")), None)
+                if chosen is not None:
+                    return chosen
+        return self.picker.pick(workers)
+
+    async def _ask_router(self, attempt: Attempt, pool: str, account: bool = True) -> dict | None:
+        from dynamo.core.router import route_subject
+
+        payload = _json_encode({"request_id": attempt.request_id, "hashes": self._hashes(attempt), "pool": pool,
+                                "account": account})
+        try:
+            msg = await self.nc.request(route_subject(self.namespace), payload, timeout=self.args.router_timeout)
+            decision = _json_decode(msg.data)
+        except Exception:  # timeout, no responders, connection trouble: route locally
+            self.m_fallbacks.inc()
+            return None
+        if "error" in decision:
+            self.m_fallbacks.inc()
+            return None
+        return decision
+
+    async def _router_event(self, event: str, attempt: Attempt) -> None:
+        if self.args.router_mode != "kv" or self.nc is None:
+            return
+        from dynamo.core.router import load_subject
+
+        try:
+            await self.nc.publish(load_subject(self.namespace),
+                                  _json_encode({"event": event, "request_id": attempt.request_id}))
+        except Exception:
+            pass
+
+    # --------------------------------------------------------------- disaggregation
+
+    async def _maybe_prefill(self, attempt: Attempt) -> dict | None:
+        """vLLM protocol: a ``max_tokens: 1`` request with ``do_remote_decode`` on a prefill worker;
+        its ``kv_transfer_params`` go to the decode worker. Short uncached prompts skip it."""
+        prefill_workers = self.pool(("prefill",))
+        if not prefill_workers:
+            return None
+        if self.args.disagg_threshold:
+            hashes = self._hashes(attempt)
+            tokens = attempt.prompt_tokens or 0
+            overlap = 0
+            if self.args.router_mode == "kv" and hashes:
+                decision = await self._ask_router(attempt, "decode", account=False)
+                overlap = (decision or {}).get("overlap", 0)
+            if tokens - overlap * self.args.block_size < self.args.disagg_threshold:
+                self.m_disagg.labels("local").inc()
+                return None
+        body = {k: v for k, v in attempt.body.items()
+                if k not in ("stream_options", "max_completion_tokens", "min_tokens")}
+        body.update({"max_tokens": 1, "stream": False,
+                     "kv_transfer_params": {"do_remote_decode": True, "do_remote_prefill": False,
+                                            "remote_engine_id": None, "remote_block_ids": None,
+                                            "remote_host": None, "remote_port": None}})
+        tried: set[str] = set()
+        while True:
+            candidates = [w for w in prefill_workers if w.key not in tried]
+            if not candidates:
+                self.m_disagg.labels("prefill_failed").inc()
+                return None  # decode computes the prompt itself
+            worker = None
+            if self.args.router_mode == "kv" and not tried:
+                decision = await self._ask_router(Attempt(attempt.request_id + "-prefill", attempt.path, attempt.body,
+                                                          hashes=self._hashes(attempt)), "prefill")
+                if decision:
+                    worker = next((w for w in candidates if w.key == decision.get("worker")), None)
+            worker = worker or self.picker.pick(candidates)
+            tried.add(worker.key)
             try:
-                async for chunk in upstream.content.iter_any():
-                    await response.write(chunk)
-            except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
-                error = {"error": {"message": f"worker {worker.data.get('name')} failed mid-stream: {exc}",
-                                   "type": "upstream_error", "param": None, "code": 502}}
-                await response.write(f"data: {json.dumps(error)}\n\n".encode())
+                async with self.session.post(worker.url + attempt.path, json=body,
+                                             headers={"x-request-id": attempt.request_id}) as resp:
+                    data = await resp.read()
+                if resp.status >= 500:
+                    continue
+                if resp.status >= 400:
+                    raise ApiError(resp.status, _error_message(data), "invalid_request_error")
+                params = _json_decode(data).get("kv_transfer_params")
+                if self.args.router_mode == "kv":
+                    await self._router_event("finished", Attempt(attempt.request_id + "-prefill", "", {}))
+                self.m_disagg.labels("remote").inc()
+                return params
+            except (aiohttp.ClientError, asyncio.TimeoutError, msgspec.DecodeError):
+                self.suspect[worker.key] = time.monotonic() + SUSPECT_SECONDS
+                continue
+
+    # --------------------------------------------------------------- proxying
+
+    async def _relay(self, request: web.Request, attempt: Attempt, worker: Instance, body: dict,
+                     response: web.StreamResponse | None) -> web.StreamResponse:
+        """Send to one worker. Raises UpstreamFailed when nothing reached the client yet; returns the
+        client response otherwise (``attempt.finished`` says whether the stream completed)."""
+        headers = {"x-request-id": attempt.request_id}
+        try:
+            upstream_cm = self.session.post(worker.url + attempt.path, json=body, headers=headers)
+            upstream = await upstream_cm.__aenter__()
+        except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
+            raise UpstreamFailed(str(exc)) from None
+        try:
+            if upstream.status >= 500 and response is None:
+                await upstream.read()
+                raise UpstreamFailed(f"status {upstream.status}")
+            if not upstream.headers.get("Content-Type", "").startswith("text/event-stream"):
+                try:
+                    data = await upstream.read()
+                except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+                    raise UpstreamFailed(str(exc)) from None
+                if response is not None:  # a continuation answered with an error
+                    await self._stream_error(response, _error_message(data))
+                    attempt.finished = True
+                    return response
+                self._count_unary(attempt, data, upstream.status)
+                attempt.finished = True
+                out = {k: v for k, v in upstream.headers.items() if k.lower() not in _HOP_HEADERS}
+                out["x-request-id"] = attempt.request_id
+                return web.Response(body=data, status=upstream.status, headers=out)
+            return await self._pipe_stream(request, attempt, upstream, response)
+        finally:
+            await upstream_cm.__aexit__(None, None, None)
+
+    async def _pipe_stream(self, request: web.Request, attempt: Attempt, upstream: aiohttp.ClientResponse,
+                           response: web.StreamResponse | None) -> web.StreamResponse:
+        buffer = b""
+        content = upstream.content
+        try:
+            while True:
+                chunk = await content.readany()
+                if not chunk:
+                    break
+                buffer += chunk
+                *events, buffer = buffer.split(b"\n\n")
+                out = []
+                for event in events:
+                    if not event:
+                        continue
+                    forwarded = self._observe(attempt, event)
+                    if forwarded is not None:
+                        out.append(forwarded)
+                if not out:
+                    continue
+                if response is None:
+                    response = web.StreamResponse(status=upstream.status, headers={
+                        "Content-Type": "text/event-stream", "Cache-Control": "no-cache",
+                        "x-request-id": attempt.request_id})
+                    await response.prepare(request)
+                await response.write(b"".join(out))
+                if attempt.finished:
+                    break
+        except (aiohttp.ClientError, asyncio.TimeoutError):
+            pass  # broken upstream: the caller migrates or ends the stream with an error
+        if response is None:
+            raise UpstreamFailed("stream ended before its first event")
+        if attempt.finished:
             await response.write_eof()
-            return response
+        return response
+
+    def _observe(self, attempt: Attempt, event: bytes) -> bytes | None:
+        """Account one SSE event; return the bytes to forward (None to drop it)."""
+        if not event.startswith(b"data:"):
+            return event + b"\n\n"
+        payload = event[5:].strip()
+        if payload == b"[DONE]":
+            attempt.finished = True
+            return event + b"\n\n"
+        try:
+            data = _json_decode(payload)
+        except msgspec.DecodeError:
+            return event + b"\n\n"
+        if not isinstance(data, dict):
+            return event + b"\n\n"
+        if "error" in data:
+            attempt.finished = True
+            return event + b"\n\n"
+        now = time.perf_counter()
+        choices = data.get("choices") or []
+        if choices:
+            choice = choices[0]
+            piece = (choice.get("delta") or {}).get("content") if "delta" in choice else choice.get("text")
+            if piece:
+                attempt.text.append(piece)
+            if piece or choice.get("finish_reason") is None:
+                if attempt.first_token_at is None:
+                    attempt.first_token_at = now
+                    self.m_ttft.observe(now - attempt.started)
+                    asyncio.ensure_future(self._router_event("first_token", attempt))
+                elif attempt.last_token_at is not None:
+                    self.m_itl.observe(now - attempt.last_token_at)
+                attempt.last_token_at = now
+                attempt.chunks += 1
+        usage = data.get("usage")
+        if usage:
+            if attempt.migrated:
+                # a migrated stream: report the client's view of the whole request
+                prompt = attempt.prompt_tokens or usage.get("prompt_tokens", 0)
+                usage = {"prompt_tokens": prompt, "completion_tokens": attempt.chunks,
+                         "total_tokens": prompt + attempt.chunks}
+                data["usage"] = usage
+                event = b"data: " + _json_encode(data)
+            attempt.usage = usage
+            self.m_input.inc(usage.get("prompt_tokens", 0))
+            self.m_output.inc(usage.get("completion_tokens", 0))
+        return event + b"\n\n"
+
+    def _count_unary(self, attempt: Attempt, data: bytes, status: int) -> None:
+        if status != 200:
+            self.m_errors.labels("upstream_" + str(status)).inc()
+            return
+        self.m_ttft.observe(time.perf_counter() - attempt.started)
+        try:
+            usage = _json_decode(data).get("usage") or {}
+        except (msgspec.DecodeError, AttributeError):
+            return
+        self.m_input.inc(usage.get("prompt_tokens", 0))
+        self.m_output.inc(usage.get("completion_tokens", 0))
+
+    async def _stream_error(self, response: web.StreamResponse, message: str) -> None:
+        self.m_errors.labels("stream_interrupted").inc()
+        error = {"error": {"message": message, "type": "upstream_error", "param": None, "code": 502}}
+        try:
+            await response.write(b"data: " + _json_encode(error) + b"\n\ndata: [DONE]\n\n")
+            await response.write_eof()
+        except (ConnectionError, RuntimeError):
+            pass
 
 
-def main(argv: list[str] | None = None) -> None:
+def _error_message(data: bytes) -> str:
+    try:
+        return _json_decode(data)["error"]["message"]
+    except (msgspec.DecodeError, KeyError, TypeError):
+        return data.decode(errors="replace")[:200] or "upstream error"
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m dynamo.core.frontend", description=__doc__.split("\n")[0])
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--nats-url", required=True)
     parser.add_argument("--namespace", required=True)
     parser.add_argument("--model", default=None, help="The served model name; other names get 404.")
-    parser.add_argument("--router-mode", default="round_robin", choices=["round_robin", "random", "least_loaded"])
+    parser.add_argument("--model-path", default=None, help="Tokenizer directory for KV routing (built-in tokenizer if unset).")
+    parser.add_argument("--block-size", type=int, default=16)
+    parser.add_argument("--router-mode", default="round_robin", choices=["round_robin", "random", "least_loaded", "kv"])
+    parser.add_argument("--router-timeout", type=float, default=0.1, help="Seconds to wait for the KV router.")
+    parser.add_argument("--migration-limit", type=int, default=3, help="Times a broken stream may move to another worker.")
+    parser.add_argument("--disagg-threshold", type=int, default=0,
+                        help="Prompts with fewer uncached tokens than this skip the prefill worker (0: never skip).")
     parser.add_argument("--discovery-ttl", type=float, default=DEFAULT_TTL)
-    parser.add_argument("--api-key", default=None)
-    args = parser.parse_args(argv)
+    parser.add_argument("--api-key", default=os.environ.get("DYNAMO_API_KEY") or None,
+                        help="Require 'Authorization: Bearer KEY' (default $DYNAMO_API_KEY).")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
     try:
         import uvloop
 
         uvloop.install()
     except ImportError:
         pass
-    frontend = Frontend(args.nats_url, args.namespace, args.model, args.router_mode, args.discovery_ttl, args.api_key)
+    frontend = Frontend(args)
 
     async def serve() -> None:
-        runner = web.AppRunner(frontend.app(), access_log=None, handle_signals=False)
+        runner = web.AppRunner(frontend.app(), access_log=None, handle_signals=False, handler_cancellation=True)
         await runner.setup()
-        site = web.TCPSite(runner, args.host, args.port, reuse_address=True)
+        site = web.TCPSite(runner, args.host, args.port, reuse_address=True, backlog=1024)
         try:
             await site.start()
         except OSError as exc:
@@ -261,7 +666,7 @@ def main(argv: list[str] | None = None) -> None:
             await runner.cleanup()
             raise SystemExit(2)
         print(f"frontend listening on http://{args.host}:{args.port} (namespace {args.namespace}, "
-              f"router {args.router_mode})", flush=True)
+              f"router {args.router_mode}, migration limit {args.migration_limit})", flush=True)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):

@@ -16,7 +16,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, Field
 
 from dynamo.backends import get_backend
-from dynamo.backends.base import WorkerContext, custom_launch
+from dynamo.backends.base import WorkerContext, custom_launch, model_dir
 from dynamo.core.errors import PlanError, UsageError
 from dynamo.core.gpus import GpuInventory
 from dynamo.core.nats_server import nats_server_argv, nats_server_binary
@@ -201,11 +201,6 @@ def build_plan(
     """Turn a profile into processes. Raises PlanError naming every problem found."""
     profile = loaded.profile
     backend = get_backend(profile.backend)
-    if profile.router.mode == "kv":
-        raise PlanError(
-            "router.mode: kv needs the KV router process, which this version does not ship yet; "
-            "use round_robin, random or least_loaded (--set router.mode=round_robin)"
-        )
     if node is not None and profile.nodes and node not in profile.nodes:
         raise PlanError(f"--node {node}: the profile has nodes {', '.join(profile.nodes)}")
     ports = PortAllocator(profile.ports.base)
@@ -251,6 +246,23 @@ def build_plan(
     else:
         nats_url = profile.nats.url or ""
     infra = ["nats"] if profile.nats.embedded else []
+
+    # Router: a process only for KV routing; the frontend does the simple modes itself.
+    router = profile.router
+    if router.mode == "kv":
+        argv = [sys.executable, "-m", "dynamo.core.router", "--nats-url", nats_url, "--namespace", namespace,
+                "--block-size", str(profile.model.block_size), "--overlap-weight", f"{router.overlap_weight:g}",
+                "--temperature", f"{router.temperature:g}", "--approx-ttl", f"{router.approx_ttl:g}"]
+        if not router.kv_events:
+            argv.append("--no-kv-events")
+        processes.append(ProcessSpec(
+            name="router", kind="router", group="router", node=_node_of(profile, "router"), argv=argv,
+            env=dict(profile.env),
+            readiness_probe=_probe(router.readiness_probe, ReadinessProbe(log_line=r"^router ready", period=0.05),
+                                   "127.0.0.1", None, _FRONTEND_STARTUP),
+            depends_on=list(infra), restart=profile.restart_for(router.restart), grace_period=5.0,
+        ))
+        infra = infra + ["router"]
 
     # Workers.
     gpus = _GpuAssigner(inventory, profile) if backend.uses_gpus else None
@@ -301,10 +313,14 @@ def build_plan(
             sys.executable, "-m", "dynamo.core.frontend",
             "--host", fe.host, "--port", str(fe_port),
             "--nats-url", nats_url, "--namespace", namespace,
-            "--model", profile.model.name, "--router-mode", profile.router.mode,
+            "--model", profile.model.name, "--router-mode", router.mode,
+            "--block-size", str(profile.model.block_size), "--migration-limit", str(fe.migration_limit),
+            "--router-timeout", f"{router.timeout:g}",
+            *(["--disagg-threshold", str(router.disagg_threshold)] if router.disagg_threshold else []),
+            *(["--model-path", str(model_dir(profile))] if model_dir(profile) else []),
             *_flags(fe.args),
         ],
-        env={**profile.env, **fe.env},
+        env={**profile.env, **fe.env, **({"DYNAMO_API_KEY": fe.api_key} if fe.api_key else {})},
         host=fe.host, ports={"http": fe_port}, url=endpoint,
         readiness_probe=_probe(fe.readiness_probe, ReadinessProbe(http_get={"path": "/health"}, period=0.1),
                                fe.host, fe_port, _FRONTEND_STARTUP),

@@ -135,6 +135,8 @@ class NatsSpec(Strict):
 class FrontendSpec(Strict):
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535, description="0 picks a free port.")
+    migration_limit: int = Field(3, ge=0, description="Times a stream broken midway may move to another worker.")
+    api_key: str | None = Field(None, description="Require 'Authorization: Bearer <key>' (use ${VAR}).")
     readiness_probe: ReadinessProbe = ReadinessProbe()
     grace_period: Duration = 10.0
     restart: RestartPolicy | None = None
@@ -144,8 +146,15 @@ class FrontendSpec(Strict):
 
 class RouterSpec(Strict):
     mode: Literal["round_robin", "random", "least_loaded", "kv"] = "round_robin"
-    overlap_weight: float = Field(1.0, ge=0.0)
-    temperature: float = Field(0.0, ge=0.0)
+    overlap_weight: float = Field(1.0, ge=0.0, description="KV cost = overlap_weight × prefill blocks + decode blocks.")
+    temperature: float = Field(0.0, ge=0.0, description="0 picks the lowest cost; > 0 samples by softmax.")
+    kv_events: bool = Field(True, description="Follow workers' KV events; false predicts caches from decisions.")
+    approx_ttl: Duration = Field(120.0, description="Approximate mode: how long a routed prefix counts as cached.")
+    timeout: Duration = Field(0.1, description="The frontend routes round-robin when the router has not answered by then.")
+    disagg_threshold: int = Field(
+        0, ge=0, description="Prompts whose uncached part is shorter than this many tokens skip the prefill workers.")
+    readiness_probe: ReadinessProbe = ReadinessProbe()
+    restart: RestartPolicy | None = None
 
 
 class WorkerGroup(Strict):

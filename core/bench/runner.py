@@ -1,0 +1,347 @@
+"""Drives the load: closed loop (fixed concurrency), open loop (Poisson or gamma arrivals)
+or trace replay, with warmup, a request or time budget, and sweeps over load points.
+
+Everything runs on one event loop (uvloop when installed). In open-loop mode each
+arrival's intended send time is recorded next to the actual one, so ``schedule_lag_ms``
+shows whether the generator kept up. A request that is due is sent at once even if it
+is late: the achieved rate never silently drops because of a slow loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import math
+import random
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator
+
+from dynamo.core.bench.client import EndpointClient, RequestRecord, ServerInfo, make_session
+from dynamo.core.bench.metrics import summarize
+from dynamo.core.bench.workloads import BenchTokenizer, MultiTurnWorkload, Session
+
+__all__ = ["LoadPoint", "BenchSettings", "LiveStats", "PointResult", "BenchResult", "arrival_intervals",
+           "run_benchmark", "run_async"]
+
+
+@dataclass(frozen=True)
+class LoadPoint:
+    """One load level: a fixed concurrency, or an arrival rate (optionally capped), or trace timestamps."""
+
+    concurrency: int | None = None
+    request_rate: float | None = None  # requests/s; math.inf sends everything at once
+    burstiness: float = 1.0
+    max_concurrency: int | None = None
+    trace: bool = False
+
+    @property
+    def label(self) -> str:
+        if self.concurrency is not None:
+            return f"c{self.concurrency}"
+        if self.request_rate is not None:
+            return "rate-inf" if math.isinf(self.request_rate) else f"rate-{self.request_rate:g}"
+        return "trace"
+
+    @property
+    def x(self) -> float | None:
+        """The value plots put on the x axis."""
+        if self.concurrency is not None:
+            return float(self.concurrency)
+        return self.request_rate
+
+    def describe(self) -> dict:
+        return {"label": self.label, "concurrency": self.concurrency,
+                "request_rate": None if self.request_rate is None else
+                ("inf" if math.isinf(self.request_rate) else self.request_rate),
+                "burstiness": self.burstiness, "max_concurrency": self.max_concurrency, "trace": self.trace}
+
+
+@dataclass
+class BenchSettings:
+    num_requests: int | None = None
+    duration: float | None = None
+    warmup: int = 0
+    grace_period: float = 30.0
+    seed: int = 0
+    turn_delay: float = 0.0
+
+
+@dataclass
+class LiveStats:
+    """Counters the live display reads; updated inline by the runner (same loop, no locks)."""
+
+    label: str = ""
+    phase: str = "starting"
+    target: int | None = None
+    duration: float | None = None
+    started: float = field(default_factory=time.perf_counter)
+    issued: int = 0
+    completed: int = 0
+    failed: int = 0
+    in_flight: int = 0
+    output_tokens: int = 0
+
+    def reset(self, label: str, phase: str, target: int | None, duration: float | None) -> None:
+        self.label, self.phase, self.target, self.duration = label, phase, target, duration
+        self.started = time.perf_counter()
+        self.issued = self.completed = self.failed = self.in_flight = self.output_tokens = 0
+
+
+@dataclass
+class PointResult:
+    point: LoadPoint
+    records: list[RequestRecord]
+    summary: dict
+
+
+@dataclass
+class BenchResult:
+    config: dict
+    server: ServerInfo
+    points: list[PointResult]
+
+
+def arrival_intervals(rate: float, burstiness: float, rng: random.Random) -> Iterator[float]:
+    """Gaps between arrivals: gamma(shape=burstiness, mean=1/rate); burstiness 1 is Poisson."""
+    if math.isinf(rate):
+        while True:
+            yield 0.0
+    theta = 1.0 / (rate * burstiness)
+    while True:
+        yield rng.gammavariate(burstiness, theta)
+
+
+class _PointRun:
+    """One load point: issues requests under a budget and collects their records."""
+
+    def __init__(self, client: EndpointClient, point: LoadPoint, settings: BenchSettings,
+                 tokenizer: BenchTokenizer | None, stats: LiveStats, multi_turn: bool,
+                 num_requests: int | None, duration: float | None):
+        self.client, self.point, self.settings = client, point, settings
+        self.tokenizer, self.stats, self.multi_turn = tokenizer, stats, multi_turn
+        self.num_requests, self.duration = num_requests, duration
+        self.records: list[RequestRecord] = []
+        self.cancelled = 0
+        self.issued = 0
+        self.t0 = 0.0
+        self.cap = asyncio.Semaphore(point.max_concurrency) if point.max_concurrency else None
+
+    def _take(self) -> bool:
+        """Reserve one request from the budget (count and time)."""
+        if self.num_requests is not None and self.issued >= self.num_requests:
+            return False
+        if self.duration is not None and time.perf_counter() - self.t0 >= self.duration:
+            return False
+        self.issued += 1
+        self.stats.issued += 1
+        return True
+
+    async def _session(self, sess: Session, scheduled: float | None) -> None:
+        """Send a session's turns one after the other; the first turn is already reserved."""
+        if self.cap is not None:
+            async with self.cap:
+                await self._turns(sess, scheduled)
+        else:
+            await self._turns(sess, scheduled)
+
+    async def _turns(self, sess: Session, scheduled: float | None) -> None:
+        history: list[dict] = []
+        history_text = ""
+        history_tokens: int | None = 0
+        for k, turn in enumerate(sess.turns):
+            if k > 0:
+                if self.settings.turn_delay > 0:
+                    await asyncio.sleep(self.settings.turn_delay)
+                if not self._take():
+                    return
+            rec = RequestRecord(index=len(self.records), session=sess.id, turn=k,
+                                scheduled=scheduled if k == 0 else None)
+            if self.client.endpoint == "chat":
+                prompt: Any = history + [{"role": "user", "content": turn.prompt}] if history else turn.prompt
+            else:
+                prompt = history_text + turn.prompt
+            if turn.input_tokens is not None and history_tokens is not None:
+                rec.input_tokens_client = history_tokens + turn.input_tokens
+            self.stats.in_flight += 1
+            try:
+                await self.client.send(rec, prompt, turn.output_tokens, self.t0)
+            except asyncio.CancelledError:
+                self.cancelled += 1
+                raise
+            finally:
+                self.stats.in_flight -= 1
+            rec.index = len(self.records)
+            self.records.append(rec)
+            if rec.ok:
+                self.stats.completed += 1
+                self.stats.output_tokens += rec.output_tokens_server or len(rec.chunk_offsets)
+            else:
+                self.stats.failed += 1
+                return  # a conversation stops at its first failure
+            if self.multi_turn and k + 1 < len(sess.turns):
+                history = history + [{"role": "user", "content": turn.prompt},
+                                     {"role": "assistant", "content": rec.text}]
+                history_text += turn.prompt + rec.text
+                if turn.input_tokens is None or history_tokens is None:
+                    history_tokens = None
+                else:
+                    reply = self.tokenizer.count(rec.text) if self.tokenizer else rec.output_tokens_server
+                    history_tokens = None if reply is None else history_tokens + turn.input_tokens + reply
+
+    async def run(self, sessions: Iterator[Session]) -> None:
+        self.t0 = time.perf_counter()
+        if self.point.concurrency is not None:
+            await self._closed_loop(sessions, self.point.concurrency)
+        else:
+            await self._open_loop(sessions)
+
+    async def _closed_loop(self, sessions: Iterator[Session], concurrency: int) -> None:
+        async def user() -> None:
+            for sess in sessions:
+                if not self._take():
+                    return
+                await self._session(sess, None)
+
+        tasks = [asyncio.create_task(user()) for _ in range(concurrency)]
+        await self._drain(tasks, lambda: all(t.done() for t in tasks))
+
+    async def _open_loop(self, sessions: Iterator[Session]) -> None:
+        point = self.point
+        rng = random.Random(self.settings.seed)
+        gaps = arrival_intervals(point.request_rate or math.inf, point.burstiness, rng) if not point.trace else None
+        tasks: set[asyncio.Task] = set()
+        t_sched = 0.0
+        t_first: float | None = None
+        for n, sess in enumerate(sessions):
+            if point.trace:
+                if t_first is None:
+                    t_first = sess.timestamp or 0.0
+                t_sched = (sess.timestamp or 0.0) - t_first
+            elif n > 0:
+                t_sched += next(gaps)  # type: ignore[arg-type]
+            if self.duration is not None and t_sched >= self.duration:
+                break
+            delay = self.t0 + t_sched - time.perf_counter()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            if not self._take():
+                break
+            task = asyncio.create_task(self._session(sess, t_sched))
+            tasks.add(task)
+            task.add_done_callback(tasks.discard)
+        await self._drain(list(tasks), lambda: not tasks)
+
+    async def _drain(self, tasks: list[asyncio.Task], _done: Callable[[], bool]) -> None:
+        """Wait for in-flight requests; in duration mode at most the grace period, then cancel."""
+        if not tasks:
+            return
+        if self.duration is None:
+            await asyncio.gather(*tasks, return_exceptions=True)
+            return
+        remaining = self.duration - (time.perf_counter() - self.t0)
+        timeout = max(0.0, remaining) + self.settings.grace_period
+        _, pending = await asyncio.wait(tasks, timeout=timeout)
+        for t in pending:
+            t.cancel()
+        if pending:
+            await asyncio.gather(*pending, return_exceptions=True)
+
+
+def _finalize(records: list[RequestRecord], tokenizer: BenchTokenizer | None) -> None:
+    """Client-side token counts (batched, after the load) and per-chunk token fallbacks."""
+    if tokenizer is not None:
+        ok = [r for r in records if r.ok]
+        for r, n in zip(ok, tokenizer.count_batch([r.text for r in ok])):
+            r.output_tokens_client = n
+    for r in records:
+        if r.ok and r.tokens_source == "chunks" and r.chunk_texts is not None:
+            total = r.output_tokens
+            if total is not None and total != len(r.chunk_offsets) and tokenizer is not None:
+                r.chunk_tokens = [max(0, n) for n in tokenizer.count_batch(r.chunk_texts)]
+                r.tokens_source = "tokenizer"
+        if r.ok and r.output_tokens_client is None and r.output_tokens_server is None:
+            r.output_tokens_client = sum(r.chunk_tokens) if r.chunk_tokens else None
+        r.chunk_texts = None
+        r.text = ""
+
+
+async def run_benchmark(
+    *,
+    url: str,
+    model: str | None,
+    endpoint: str,
+    stream: bool,
+    ignore_eos: bool,
+    extra_body: dict | None,
+    api_key: str | None,
+    workload: Any,
+    points: list[LoadPoint],
+    settings: BenchSettings,
+    tokenizer: BenchTokenizer | None,
+    goodput: dict[str, float],
+    timeout: float,
+    ready_timeout: float,
+    stats: LiveStats | None = None,
+    on_point: Callable[[PointResult], None] | None = None,
+    continuous_usage: bool = True,
+) -> BenchResult:
+    """Readiness check, then every load point in order. Returns records and summaries."""
+    stats = stats or LiveStats()
+    max_conn = 0
+    if all(p.concurrency is not None for p in points):
+        max_conn = max(p.concurrency for p in points) + 1  # type: ignore[type-var]
+    session = make_session(max_conn, timeout)
+    try:
+        client = EndpointClient(session, url, model or "", endpoint, stream, ignore_eos, continuous_usage,
+                                extra_body, api_key)
+        stats.reset("", "waiting for the server", None, None)
+        info = await client.server_info(model, ready_timeout)
+        multi_turn = isinstance(workload, MultiTurnWorkload)
+        sessions = workload.sessions()
+        results: list[PointResult] = []
+        for point in points:
+            if settings.warmup > 0:
+                stats.reset(point.label, "warmup", settings.warmup, None)
+                width = point.concurrency or point.max_concurrency or settings.warmup
+                warm = _PointRun(client, LoadPoint(concurrency=min(width, settings.warmup)), settings, tokenizer,
+                                 stats, multi_turn, settings.warmup, None)
+                await warm.run(sessions)
+            num = settings.num_requests
+            if num is None and settings.duration is None and not point.trace:
+                num = _default_requests(point)
+            stats.reset(point.label, "measuring", num, settings.duration)
+            run = _PointRun(client, point, settings, tokenizer, stats, multi_turn, num, settings.duration)
+            if num is not None and not point.trace:
+                # Build the prompts before the clock starts so generation never delays sending.
+                rest = iter(list(itertools.islice(sessions, num)))
+                await run.run(rest)
+                sessions = itertools.chain(rest, sessions)  # later points never reuse a prompt
+            else:
+                await run.run(sessions)
+            stats.phase = "summarizing"
+            _finalize(run.records, tokenizer)
+            result = PointResult(point, run.records, summarize(run.records, goodput, run.cancelled))
+            results.append(result)
+            if on_point:
+                on_point(result)
+        return BenchResult({}, info, results)
+    finally:
+        await session.close()
+
+
+def _default_requests(point: LoadPoint) -> int:
+    if point.concurrency is not None:
+        return max(100, 10 * point.concurrency)
+    if point.request_rate is not None and not math.isinf(point.request_rate):
+        return max(100, int(10 * point.request_rate))
+    return 100
+
+
+def run_async(coro):
+    """Run a coroutine on uvloop when it is installed (plain asyncio otherwise)."""
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop is a dependency except on Windows
+        return asyncio.run(coro)
+    return uvloop.run(coro)

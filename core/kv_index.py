@@ -1,0 +1,124 @@
+"""The router's KV index: which worker holds which block, fed by normalized KV events.
+
+Engines name blocks by their own hashes (vLLM: sha256-derived, SGLang: its own). The index
+keys blocks by *our* chained hash of the token ids the event carries, and keeps, per
+worker, the engine hash → our hash map needed to apply removals and to chain children.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from dynamo.core.hashing import chain_block_hashes
+
+
+@dataclass
+class _WorkerBlocks:
+    ours: dict[int, int] = field(default_factory=dict)  # engine hash -> our hash
+    expires: dict[int, float] = field(default_factory=dict)  # approximate mode: our hash -> deadline
+
+
+class KvIndex:
+    def __init__(self, block_size: int):
+        self.block_size = block_size
+        self.holders: dict[int, set[str]] = defaultdict(set)
+        self.workers: dict[str, _WorkerBlocks] = {}
+        self.events_applied = 0
+        self.orphan_blocks = 0  # stored blocks whose parent we never saw
+
+    # ------------------------------------------------------------ events
+
+    def stored(self, worker: str, engine_hashes: Sequence[int], parent: int | None, token_ids: Sequence[int],
+               block_size: int | None = None) -> None:
+        blocks = self.workers.setdefault(worker, _WorkerBlocks())
+        size = block_size or self.block_size
+        parent_ours = None
+        if parent is not None:
+            parent_ours = blocks.ours.get(parent)
+            if parent_ours is None:
+                self.orphan_blocks += len(engine_hashes)
+                return
+        ours = chain_block_hashes(token_ids[:len(engine_hashes) * size], size, parent_ours)
+        for engine_hash, our_hash in zip(engine_hashes, ours):
+            blocks.ours[engine_hash] = our_hash
+            self.holders[our_hash].add(worker)
+        self.events_applied += 1
+
+    def removed(self, worker: str, engine_hashes: Sequence[int]) -> None:
+        blocks = self.workers.get(worker)
+        if blocks is None:
+            return
+        for engine_hash in engine_hashes:
+            our_hash = blocks.ours.pop(engine_hash, None)
+            if our_hash is not None:
+                self._drop(our_hash, worker)
+        self.events_applied += 1
+
+    def cleared(self, worker: str) -> None:
+        blocks = self.workers.pop(worker, None)
+        if blocks:
+            for our_hash in blocks.ours.values():
+                self._drop(our_hash, worker)
+            for our_hash in blocks.expires:
+                self._drop(our_hash, worker)
+        self.events_applied += 1
+
+    def remove_worker(self, worker: str) -> None:
+        self.cleared(worker)
+
+    def _drop(self, our_hash: int, worker: str) -> None:
+        holders = self.holders.get(our_hash)
+        if holders is not None:
+            holders.discard(worker)
+            if not holders:
+                del self.holders[our_hash]
+
+    # ------------------------------------------------------------ approximate mode
+
+    def predict(self, worker: str, hashes: Sequence[int], ttl: float, now: float | None = None) -> None:
+        """Without events: assume ``worker`` now caches these blocks, for ``ttl`` seconds."""
+        blocks = self.workers.setdefault(worker, _WorkerBlocks())
+        deadline = (now or time.monotonic()) + ttl
+        for our_hash in hashes:
+            blocks.expires[our_hash] = deadline
+            self.holders[our_hash].add(worker)
+
+    def expire(self, now: float | None = None) -> int:
+        now = now or time.monotonic()
+        dropped = 0
+        for worker, blocks in self.workers.items():
+            stale = [h for h, deadline in blocks.expires.items() if deadline <= now]
+            for our_hash in stale:
+                del blocks.expires[our_hash]
+                if our_hash not in blocks.ours.values():
+                    self._drop(our_hash, worker)
+                dropped += 1
+        return dropped
+
+    # ------------------------------------------------------------ queries
+
+    def overlap(self, hashes: Sequence[int]) -> dict[str, int]:
+        """For each worker, how many leading blocks of ``hashes`` it holds."""
+        scores: dict[str, int] = {}
+        active: set[str] | None = None
+        for depth, our_hash in enumerate(hashes):
+            holders = self.holders.get(our_hash)
+            if not holders:
+                break
+            active = set(holders) if active is None else active & holders
+            if not active:
+                break
+            for worker in active:
+                scores[worker] = depth + 1
+        return scores
+
+    def block_count(self, worker: str) -> int:
+        blocks = self.workers.get(worker)
+        return len(blocks.ours) + len(blocks.expires) if blocks else 0
+
+    @property
+    def total_blocks(self) -> int:
+        return len(self.holders)
