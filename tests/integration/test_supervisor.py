@@ -155,7 +155,7 @@ def test_a_crashed_ready_worker_is_restarted_and_rejoins(tmp_path, serve):
         if workers:
             break
         time.sleep(0.1)
-    reply = httpx.post(endpoint + "/v1/chat/completions", json={"model": "fake", "messages": []}, timeout=10)
+    reply = httpx.post(endpoint + "/v1/chat/completions", json={"model": "fake", "messages": [{"role": "user", "content": "hi"}]}, timeout=10)
     assert reply.status_code == 200
     assert run.state()["processes"]["w-0"]["restarts"] == 1
 
