@@ -1,0 +1,268 @@
+"""The frontend and router with mocker workers: the official openai client, KV routing, faults, disaggregation."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import signal
+import textwrap
+import threading
+import time
+
+import httpx
+import openai
+import pytest
+
+pytestmark = pytest.mark.slow
+
+MODEL = "Qwen/Qwen3-0.6B"
+FREE_PORTS = ("--set", "frontend.port=0", "--set", "nats.port=0", "--set", "ports.base=0")
+
+
+def mocker_profile(tmp_path, *, workers: str, router: str = "round_robin", extra: str = "", name: str = "t") -> str:
+    text = textwrap.dedent(f"""\
+        name: {name}
+        model: {{name: {MODEL}, block_size: 16}}
+        backend: mocker
+        nats: {{port: 0}}
+        frontend: {{port: 0}}
+        ports: {{base: 0}}
+        router: {{mode: {router}}}
+        restart: {{policy: on-failure, max_restarts: 3, backoff: {{initial: 0.2s, max: 1s}}}}
+        workers:
+        """) + textwrap.indent(textwrap.dedent(workers), "  ") + extra
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(text)
+    return str(path)
+
+
+def client(state: dict, **kwargs) -> openai.OpenAI:
+    return openai.OpenAI(base_url=state["endpoint"] + "/v1", api_key="none", max_retries=0, **kwargs)
+
+
+def metric(url: str, name: str) -> float:
+    text = httpx.get(url + "/metrics", timeout=5).text
+    total = 0.0
+    for line in text.splitlines():
+        if line.startswith(name) and not line.startswith("#"):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+def test_openai_client_through_the_default_profile(serve):
+    """The issue's end-to-end path: `dynamo serve profiles/agg.yaml --backend mocker`, official client."""
+    run = serve("profiles/agg.yaml", "--backend", "mocker", *FREE_PORTS)
+    state = run.wait_ready(60)
+    api = client(state)
+    messages = [{"role": "user", "content": "Say hello"}]
+
+    reply = api.chat.completions.create(model=MODEL, messages=messages, max_tokens=8)
+    assert reply.choices[0].message.content and reply.choices[0].finish_reason == "length"
+    assert reply.usage.completion_tokens == 8
+
+    chunks = list(api.chat.completions.create(model=MODEL, messages=messages, max_tokens=8, stream=True,
+                                              stream_options={"include_usage": True}))
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text and chunks[-1].usage.completion_tokens == 8
+
+    completion = api.completions.create(model=MODEL, prompt="Once upon a time", max_tokens=4)
+    assert completion.choices[0].text and completion.usage.completion_tokens == 4
+    assert [m.id for m in api.models.list().data] == [MODEL]
+
+    async def async_calls() -> tuple[str, str]:
+        aapi = openai.AsyncOpenAI(base_url=state["endpoint"] + "/v1", api_key="none", max_retries=0)
+        unary = await aapi.chat.completions.create(model=MODEL, messages=messages, max_tokens=4)
+        stream = await aapi.chat.completions.create(model=MODEL, messages=messages, max_tokens=4, stream=True)
+        pieces = [c.choices[0].delta.content or "" async for c in stream if c.choices]
+        await aapi.close()
+        return unary.choices[0].message.content, "".join(pieces)
+
+    unary_text, stream_text = asyncio.run(async_calls())
+    assert unary_text and unary_text == stream_text  # deterministic mocker: same prompt, same text
+
+    with pytest.raises(openai.NotFoundError) as info:
+        api.chat.completions.create(model="other-model", messages=messages, max_tokens=1)
+    assert info.value.body["code"] == "model_not_found"
+
+
+@pytest.mark.parametrize(
+    "body, status, param",
+    [
+        (b"{not json", 400, None),
+        (b"[1, 2]", 400, None),
+        (b'{"model": "%s"}' % MODEL.encode(), 400, "messages"),
+        (b'{"model": "%s", "messages": "hi"}' % MODEL.encode(), 400, "messages"),
+        (b'{"model": "%s", "messages": [{"content": "x"}]}' % MODEL.encode(), 400, "messages"),
+        (b'{"messages": [{"role": "user", "content": "x"}]}', 400, "model"),
+        (b'{"model": "%s", "messages": [{"role": "user", "content": "x"}], "stream": "yes"}' % MODEL.encode(), 400, "stream"),
+        (b'{"model": "%s", "messages": [{"role": "user", "content": "x"}], "max_tokens": -5}' % MODEL.encode(), 400, "max_tokens"),
+        (b'{"model": "%s", "messages": [{"role": "user", "content": "x"}], "n": 3}' % MODEL.encode(), 400, None),
+    ],
+)
+def test_malformed_bodies_get_openai_errors_never_500(shared_run, body, status, param):
+    reply = httpx.post(shared_run["endpoint"] + "/v1/chat/completions", content=body,
+                       headers={"content-type": "application/json"}, timeout=10)
+    assert reply.status_code == status, reply.text
+    error = reply.json()["error"]
+    assert error["message"] and error["type"] and "code" in error
+    if param:
+        assert error["param"] == param
+
+
+def test_request_id_and_health(shared_run):
+    reply = httpx.post(shared_run["endpoint"] + "/v1/completions", headers={"x-request-id": "abc-123"},
+                       json={"model": MODEL, "prompt": "hi", "max_tokens": 1}, timeout=10)
+    assert reply.status_code == 200 and reply.headers["x-request-id"] == "abc-123"
+    health = httpx.get(shared_run["endpoint"] + "/health", timeout=5).json()
+    assert health["status"] == "healthy" and len(health["workers"]) == 2
+    assert httpx.get(shared_run["endpoint"] + "/live", timeout=5).json() == {"status": "live"}
+    assert metric(shared_run["endpoint"], "dynamo_frontend_requests_total") >= 1
+
+
+@pytest.fixture(scope="module")
+def shared_run(tmp_path_factory):
+    """One aggregated mocker run for the cheap request-level tests."""
+    import subprocess
+    import sys
+
+    tmp = tmp_path_factory.mktemp("shared")
+    profile = mocker_profile(tmp, workers="""\
+        w: {replicas: 2, args: {speedup-ratio: 0}}
+        """)
+    run_dir = tmp / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "dynamo.cli.app", "serve", profile, "--run-dir", str(run_dir)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 60
+        state: dict = {}
+        while time.monotonic() < deadline:
+            try:
+                import json
+
+                state = json.loads((run_dir / "state.json").read_text())
+            except (OSError, ValueError):
+                pass
+            if state.get("status") == "ready":
+                break
+            time.sleep(0.1)
+        assert state.get("status") == "ready"
+        yield state
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+
+
+def test_kv_routing_sends_shared_prefixes_to_the_worker_holding_them(tmp_path, serve):
+    profile = mocker_profile(tmp_path, router="kv", workers="""\
+        w: {replicas: 3, args: {speedup-ratio: 10}}
+        """)
+    state = serve(profile).wait_ready(60)
+    api = client(state)
+    prefixes = [f"document {i}: " + " ".join(f"word{i}x{j}" for j in range(300)) for i in range(3)]
+    for round_ in range(4):
+        for prefix in prefixes:
+            api.completions.create(model=MODEL, prompt=prefix + f" question {round_}", max_tokens=2)
+    workers = {name: p["url"] for name, p in state["processes"].items() if p["kind"] == "worker"}
+    hits = {name: metric(url, "vllm:prefix_cache_hits_total") for name, url in workers.items()}
+    queries = {name: metric(url, "vllm:prefix_cache_queries_total") for name, url in workers.items()}
+    # 12 requests, 3 prefixes of ~19 blocks: after the first of each prefix, each request hits its prefix
+    total_hits = sum(hits.values())
+    assert total_hits >= 0.8 * 9 * 16 * 18 / 16, (hits, queries)
+    assert metric(state["endpoint"], "dynamo_frontend_router_fallbacks_total") == 0
+
+
+def test_kill_9_a_worker_mid_stream_migrates_every_request(tmp_path, serve):
+    profile = mocker_profile(tmp_path, workers="""\
+        w: {replicas: 3, args: {speedup-ratio: 1}}
+        """)
+    run = serve(profile)
+    state = run.wait_ready(60)
+    api = client(state, timeout=60)
+    results: list[tuple[str, int, str | None]] = []
+    errors: list[BaseException] = []
+
+    def one(i: int) -> None:
+        try:
+            stream = api.completions.create(model=MODEL, prompt=f"story {i} about the sea", max_tokens=300,
+                                            stream=True, stream_options={"include_usage": True})
+            text, usage, finish = "", 0, None
+            for chunk in stream:
+                if chunk.choices:
+                    text += chunk.choices[0].text or ""
+                    finish = chunk.choices[0].finish_reason or finish
+                if chunk.usage:
+                    usage = chunk.usage.completion_tokens
+            results.append((text, usage, finish))
+        except BaseException as exc:  # noqa: BLE001 - the test reports any client failure
+            errors.append(exc)
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(9)]
+    for t in threads:
+        t.start()
+    time.sleep(0.6)  # streams are ~300 × 6 ms long: well underway
+    victim = state["processes"]["w-1"]["pid"]
+    os.kill(victim, signal.SIGKILL)
+    for t in threads:
+        t.join(60)
+    assert not errors, errors
+    assert len(results) == 9
+    assert all(finish == "length" and text for text, _, finish in results), results
+    assert all(usage == 300 for _, usage, _ in results), [u for _, u, _ in results]
+    assert metric(state["endpoint"], "dynamo_frontend_migrations_total") >= 1
+
+
+def test_requests_keep_succeeding_when_the_router_dies(tmp_path, serve):
+    profile = mocker_profile(tmp_path, router="kv", workers="""\
+        w: {replicas: 2, args: {speedup-ratio: 0}}
+        """, extra="frontend: {port: 0}\n" if False else "")
+    run = serve(profile)
+    state = run.wait_ready(60)
+    api = client(state)
+    router_pid = state["processes"]["router"]["pid"]
+    os.kill(router_pid, signal.SIGKILL)
+    for i in range(20):
+        reply = api.completions.create(model=MODEL, prompt=f"ping {i}", max_tokens=2)
+        assert reply.choices[0].text
+    assert metric(state["endpoint"], "dynamo_frontend_router_fallbacks_total") >= 1
+    run.wait_for(lambda: run.state()["processes"]["router"]["status"] == "ready"
+                 and run.state()["processes"]["router"]["pid"] != router_pid, what="router restarted")
+
+
+def test_disaggregated_output_equals_aggregated_output(tmp_path, serve):
+    profile = mocker_profile(tmp_path, workers="""\
+        prefill: {role: prefill, replicas: 1, args: {speedup-ratio: 10}}
+        decode: {role: decode, replicas: 1, args: {speedup-ratio: 10}}
+        """)
+    state = serve(profile).wait_ready(60)
+    prompt = "The history of tea " * 40
+    disagg = client(state).completions.create(model=MODEL, prompt=prompt, max_tokens=24, seed=7)
+    decode_url = state["processes"]["decode-0"]["url"]
+    prefill_url = state["processes"]["prefill-0"]["url"]
+    direct = httpx.post(decode_url + "/v1/completions", timeout=30,
+                        json={"model": MODEL, "prompt": prompt, "max_tokens": 24, "seed": 7}).json()
+    assert disagg.choices[0].text == direct["choices"][0]["text"]
+    assert disagg.usage.prompt_tokens == direct["usage"]["prompt_tokens"]
+    assert metric(state["endpoint"], 'dynamo_frontend_disaggregated_requests_total{path="remote"}') == 1
+    assert metric(prefill_url, "vllm:prompt_tokens_total") >= disagg.usage.prompt_tokens
+
+
+def test_client_disconnect_cancels_the_upstream_request(tmp_path, serve):
+    profile = mocker_profile(tmp_path, workers="""\
+        w: {replicas: 1, args: {speedup-ratio: 1}}
+        """)
+    state = serve(profile).wait_ready(60)
+    worker = state["processes"]["w-0"]["url"]
+    with httpx.stream("POST", state["endpoint"] + "/v1/completions", timeout=30,
+                      json={"model": MODEL, "prompt": "long", "max_tokens": 2000, "stream": True}) as reply:
+        for _ in reply.iter_lines():
+            if metric(worker, "vllm:num_requests_running") >= 1:
+                break
+    deadline = time.monotonic() + 2
+    while time.monotonic() < deadline and metric(worker, "vllm:num_requests_running") > 0:
+        time.sleep(0.02)
+    assert metric(worker, "vllm:num_requests_running") == 0
+    assert metric(worker, "vllm:generation_tokens_total") < 2000
