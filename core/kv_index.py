@@ -8,7 +8,6 @@ worker, the engine hash → our hash map needed to apply removals and to chain c
 from __future__ import annotations
 
 import time
-from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -22,18 +21,33 @@ class _WorkerBlocks:
 
 
 class KvIndex:
+    """Holders are kept as an int bitmask per block (bit i = worker i): no per-block container
+    objects, so a million-block index costs the garbage collector nothing and overlap is ``&``."""
+
     def __init__(self, block_size: int):
         self.block_size = block_size
-        self.holders: dict[int, set[str]] = defaultdict(set)
+        self.holders: dict[int, int] = {}
         self.workers: dict[str, _WorkerBlocks] = {}
+        self.bits: dict[str, int] = {}
+        self._names: dict[int, str] = {}
         self.events_applied = 0
         self.orphan_blocks = 0  # stored blocks whose parent we never saw
 
     # ------------------------------------------------------------ events
 
+    def _bit(self, worker: str) -> int:
+        bit = self.bits.get(worker)
+        if bit is None:
+            used = set(self.bits.values())
+            bit = next(i for i in range(len(used) + 1) if 1 << i not in used)
+            bit = self.bits[worker] = 1 << bit
+            self._names[bit] = worker
+        return bit
+
     def stored(self, worker: str, engine_hashes: Sequence[int], parent: int | None, token_ids: Sequence[int],
                block_size: int | None = None) -> None:
         blocks = self.workers.setdefault(worker, _WorkerBlocks())
+        bit = self._bit(worker)
         size = block_size or self.block_size
         parent_ours = None
         if parent is not None:
@@ -42,9 +56,10 @@ class KvIndex:
                 self.orphan_blocks += len(engine_hashes)
                 return
         ours = chain_block_hashes(token_ids[:len(engine_hashes) * size], size, parent_ours)
+        holders = self.holders
         for engine_hash, our_hash in zip(engine_hashes, ours):
             blocks.ours[engine_hash] = our_hash
-            self.holders[our_hash].add(worker)
+            holders[our_hash] = holders.get(our_hash, 0) | bit
         self.events_applied += 1
 
     def removed(self, worker: str, engine_hashes: Sequence[int]) -> None:
@@ -68,12 +83,18 @@ class KvIndex:
 
     def remove_worker(self, worker: str) -> None:
         self.cleared(worker)
+        bit = self.bits.pop(worker, None)
+        if bit is not None:
+            del self._names[bit]
 
     def _drop(self, our_hash: int, worker: str) -> None:
         holders = self.holders.get(our_hash)
-        if holders is not None:
-            holders.discard(worker)
-            if not holders:
+        bit = self.bits.get(worker)
+        if holders is not None and bit is not None:
+            holders &= ~bit
+            if holders:
+                self.holders[our_hash] = holders
+            else:
                 del self.holders[our_hash]
 
     # ------------------------------------------------------------ approximate mode
@@ -81,10 +102,12 @@ class KvIndex:
     def predict(self, worker: str, hashes: Sequence[int], ttl: float, now: float | None = None) -> None:
         """Without events: assume ``worker`` now caches these blocks, for ``ttl`` seconds."""
         blocks = self.workers.setdefault(worker, _WorkerBlocks())
+        bit = self._bit(worker)
         deadline = (now or time.monotonic()) + ttl
+        holders = self.holders
         for our_hash in hashes:
             blocks.expires[our_hash] = deadline
-            self.holders[our_hash].add(worker)
+            holders[our_hash] = holders.get(our_hash, 0) | bit
 
     def expire(self, now: float | None = None) -> int:
         now = now or time.monotonic()
@@ -102,18 +125,30 @@ class KvIndex:
 
     def overlap(self, hashes: Sequence[int]) -> dict[str, int]:
         """For each worker, how many leading blocks of ``hashes`` it holds."""
-        scores: dict[str, int] = {}
-        active: set[str] | None = None
+        depth_of: dict[int, int] = {}
+        active = -1
+        holders = self.holders
+        depth = 0
         for depth, our_hash in enumerate(hashes):
-            holders = self.holders.get(our_hash)
-            if not holders:
+            mask = holders.get(our_hash, 0) & active
+            if not mask:
                 break
-            active = set(holders) if active is None else active & holders
-            if not active:
-                break
-            for worker in active:
-                scores[worker] = depth + 1
-        return scores
+            if mask != active:
+                dropped = active & ~mask if active != -1 else 0
+                self._record(depth_of, dropped, depth)
+                active = mask
+        else:
+            depth = len(hashes)
+        if active != -1:
+            self._record(depth_of, active, depth)
+        return {self._names[bit]: d for bit, d in depth_of.items() if d}
+
+    def _record(self, depth_of: dict[int, int], mask: int, depth: int) -> None:
+        while mask:
+            low = mask & -mask
+            if low in self._names:
+                depth_of[low] = depth
+            mask ^= low
 
     def block_count(self, worker: str) -> int:
         blocks = self.workers.get(worker)

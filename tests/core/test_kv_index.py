@@ -1,0 +1,111 @@
+"""The KV index and routing costs: pure functions, no processes."""
+
+import random
+
+import msgspec
+import pytest
+
+from dynamo.core.hashing import chain_block_hashes
+from dynamo.core.kv_index import KvIndex
+from dynamo.core.router import Router, apply_batch
+from dynamo.core.routing import WorkerLoad, kv_cost, pick_lowest
+
+BS = 4
+
+
+def test_hashes_chain_and_ignore_partial_blocks():
+    ids = list(range(10))
+    hashes = chain_block_hashes(ids, BS)
+    assert len(hashes) == 2
+    assert chain_block_hashes(ids[:8], BS) == hashes
+    assert chain_block_hashes([0, 1, 2, 3, 9, 9, 9, 9], BS)[0] == hashes[0]
+    assert chain_block_hashes([9, 9, 9, 9, 4, 5, 6, 7], BS)[1] != hashes[1]  # same block, other parent
+    assert chain_block_hashes(ids[4:8], BS, parent_hash=hashes[0]) == hashes[1:]
+
+
+def test_stored_events_index_our_hashes_whatever_the_engine_calls_them():
+    index = KvIndex(BS)
+    ids = list(range(12))
+    index.stored("w1", [111, 222], None, ids[:8])
+    index.stored("w1", [333], 222, ids[8:12])  # child of the engine's 222
+    ours = chain_block_hashes(ids, BS)
+    assert index.overlap(ours) == {"w1": 3}
+    index.removed("w1", [333])
+    assert index.overlap(ours) == {"w1": 2}
+    index.cleared("w1")
+    assert index.overlap(ours) == {}
+
+
+def test_overlap_counts_leading_blocks_per_worker():
+    index = KvIndex(BS)
+    ids = list(range(16))
+    index.stored("a", [1, 2, 3, 4], None, ids)
+    index.stored("b", [5, 6], None, ids[:8])
+    index.stored("c", [7], None, [99, 99, 99, 99])
+    assert index.overlap(chain_block_hashes(ids, BS)) == {"a": 4, "b": 2}
+
+
+def test_unknown_parent_is_counted_not_guessed():
+    index = KvIndex(BS)
+    index.stored("w", [5], 404, [1, 2, 3, 4])
+    assert index.total_blocks == 0 and index.orphan_blocks == 1
+
+
+def test_approximate_mode_expires():
+    index = KvIndex(BS)
+    hashes = chain_block_hashes(list(range(8)), BS)
+    index.predict("w", hashes, ttl=10, now=100.0)
+    assert index.overlap(hashes) == {"w": 2}
+    index.expire(now=111.0)
+    assert index.overlap(hashes) == {}
+
+
+def test_vllm_batches_in_both_encodings_apply():
+    index = KvIndex(BS)
+    ids = list(range(8))
+    as_maps = msgspec.msgpack.encode([1.0, [{"type": "BlockStored", "block_hashes": [10, 20], "parent_block_hash": None,
+                                             "token_ids": ids, "block_size": BS, "lora_id": None, "medium": "GPU",
+                                             "lora_name": None}], 0])
+    apply_batch(index, "w", as_maps)
+    assert index.overlap(chain_block_hashes(ids, BS)) == {"w": 2}
+    as_arrays = msgspec.msgpack.encode([1.0, [["BlockRemoved", [20], "GPU"], ["AllBlocksCleared"]], 0])
+    apply_batch(index, "w", as_arrays)
+    assert index.total_blocks == 0
+
+
+def test_cost_matches_nvidia_dynamo_worked_example():
+    # worker 1: 8 prefill + 10 decode; worker 2: 5 + 5 (selected); worker 3: 2 + 9
+    costs = {"1": kv_cost(8, 0, 10 - 8, 1.0), "2": kv_cost(5, 0, 0, 1.0), "3": kv_cost(2, 0, 9 - 2, 1.0)}
+    assert costs == {"1": 18, "2": 10, "3": 11}
+    assert pick_lowest(costs, 0.0, random.Random(0)) == "2"
+
+
+def test_temperature_samples_but_prefers_cheap_workers():
+    rng = random.Random(0)
+    picks = [pick_lowest({"cheap": 1.0, "dear": 50.0}, 0.5, rng) for _ in range(2000)]
+    share = picks.count("cheap") / len(picks)
+    assert 0.75 < share < 0.95
+
+
+def test_load_accounting():
+    load = WorkerLoad()
+    load.add("r", blocks=10, prefill_blocks=6)
+    assert (load.active_blocks, load.prefill_blocks, load.active_requests) == (10, 6, 1)
+    load.first_token("r")
+    assert load.prefill_blocks == 0
+    load.finish("r")
+    assert (load.active_blocks, load.active_requests) == (0, 0)
+
+
+def test_router_prefers_overlap_then_spreads_load():
+    from dynamo.core.discovery import Instance
+
+    router = Router("ns", BS, use_events=False, rng=random.Random(0))
+    router.sync({k: Instance(k, {"url": f"http://{k}", "role": "agg"}) for k in ("ns.a", "ns.b")})
+    shared = chain_block_hashes(list(range(40)), BS)
+    first = router.route("r1", shared, "agg")["worker"]
+    assert router.route("r2", shared, "agg")["worker"] == first  # approximate mode remembers the prefix
+    other = chain_block_hashes(list(range(100, 140)), BS)
+    assert router.route("r3", other, "agg")["worker"] != first  # first is busier, nothing cached anywhere
+    with pytest.raises(KeyError):
+        router.route("r4", shared, "prefill")["worker"]
