@@ -127,17 +127,29 @@ class Attempt:
     request_id: str
     path: str
     body: dict
+    raw: bytes = b""
     started: float = field(default_factory=time.perf_counter)
     first_token_at: float | None = None
     last_token_at: float | None = None
     chunks: int = 0
-    text: list[str] = field(default_factory=list)
+    events: list[bytes] = field(default_factory=list)  # raw chunks sent, parsed only to migrate
     usage: dict | None = None
     finished: bool = False
     tried: set[str] = field(default_factory=set)
     hashes: list[int] | None = None
     prompt_tokens: int | None = None
     migrated: bool = False
+
+    def generated_text(self) -> str:
+        pieces = []
+        for event in self.events:
+            try:
+                choice = _json_decode(event[5:])["choices"][0]
+            except (msgspec.DecodeError, KeyError, IndexError, TypeError):
+                continue
+            piece = (choice.get("delta") or {}).get("content") if "delta" in choice else choice.get("text")
+            pieces.append(piece or "")
+        return "".join(pieces)
 
 
 class Frontend:
@@ -286,7 +298,7 @@ class Frontend:
         except msgspec.DecodeError as exc:
             raise ApiError(400, f"request body is not valid JSON: {exc}") from None
         validate(body, field_name, self.model)
-        attempt = Attempt(request_id, path, body)
+        attempt = Attempt(request_id, path, body, raw)
         self.m_inflight.inc()
         status = "500"
         try:
@@ -338,13 +350,16 @@ class Frontend:
             attempt.migrated = True
             self.m_migrations.inc()
 
-    def _body_for(self, attempt: Attempt, kv_transfer_params: dict | None) -> dict:
+    def _body_for(self, attempt: Attempt, kv_transfer_params: dict | None) -> bytes:
+        """The bytes to send: the client's own body when nothing changes (no re-encoding)."""
+        if not (attempt.chunks and not attempt.finished) and not kv_transfer_params:
+            return attempt.raw
         body = attempt.body
         if attempt.chunks and not attempt.finished:
             body = self._continuation(attempt)
         if kv_transfer_params:
             body = {**body, "kv_transfer_params": kv_transfer_params}
-        return body
+        return _json_encode(body)
 
     def _can_continue(self, attempt: Attempt) -> bool:
         return attempt.path.endswith("chat/completions") or isinstance(attempt.body.get("prompt"), str)
@@ -352,7 +367,7 @@ class Frontend:
     def _continuation(self, attempt: Attempt) -> dict:
         """The original request, continued from what the client already received."""
         body = dict(attempt.body)
-        generated = "".join(attempt.text)
+        generated = attempt.generated_text()
         if attempt.path.endswith("chat/completions"):
             body["messages"] = [*body["messages"], {"role": "assistant", "content": generated}]
             body["continue_final_message"] = True
@@ -481,13 +496,13 @@ class Frontend:
 
     # --------------------------------------------------------------- proxying
 
-    async def _relay(self, request: web.Request, attempt: Attempt, worker: Instance, body: dict,
+    async def _relay(self, request: web.Request, attempt: Attempt, worker: Instance, body: bytes,
                      response: web.StreamResponse | None) -> web.StreamResponse:
         """Send to one worker. Raises UpstreamFailed when nothing reached the client yet; returns the
         client response otherwise (``attempt.finished`` says whether the stream completed)."""
-        headers = {"x-request-id": attempt.request_id}
+        headers = {"x-request-id": attempt.request_id, "Content-Type": "application/json"}
         try:
-            upstream_cm = self.session.post(worker.url + attempt.path, json=body, headers=headers)
+            upstream_cm = self.session.post(worker.url + attempt.path, data=body, headers=headers)
             upstream = await upstream_cm.__aenter__()
         except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
             raise UpstreamFailed(str(exc)) from None
@@ -526,11 +541,8 @@ class Frontend:
                 *events, buffer = buffer.split(b"\n\n")
                 out = []
                 for event in events:
-                    if not event:
-                        continue
-                    forwarded = self._observe(attempt, event)
-                    if forwarded is not None:
-                        out.append(forwarded)
+                    if event:
+                        out.append(self._observe(attempt, event))
                 if not out:
                     continue
                 if response is None:
@@ -549,51 +561,55 @@ class Frontend:
             await response.write_eof()
         return response
 
-    def _observe(self, attempt: Attempt, event: bytes) -> bytes | None:
-        """Account one SSE event; return the bytes to forward (None to drop it)."""
+    def _observe(self, attempt: Attempt, event: bytes) -> bytes:
+        """Account one SSE event and return the bytes to forward.
+
+        The hot path never parses JSON: a content chunk is counted and kept as bytes (parsed
+        only if the stream must migrate); only usage and error events are decoded.
+        """
         if not event.startswith(b"data:"):
             return event + b"\n\n"
-        payload = event[5:].strip()
-        if payload == b"[DONE]":
+        if event.startswith(b"data: [DONE]"):
             attempt.finished = True
             return event + b"\n\n"
+        if event.startswith(b'data: {"error"'):
+            attempt.finished = True
+            return event + b"\n\n"
+        if b'"usage":{' in event:
+            return self._usage_event(attempt, event)
+        now = time.perf_counter()
+        if attempt.first_token_at is None:
+            attempt.first_token_at = now
+            self.m_ttft.observe(now - attempt.started)
+            if self.args.router_mode == "kv":
+                asyncio.ensure_future(self._router_event("first_token", attempt))
+        elif attempt.last_token_at is not None:
+            self.m_itl.observe(now - attempt.last_token_at)
+        attempt.last_token_at = now
+        attempt.chunks += 1
+        if self.args.migration_limit:
+            attempt.events.append(event)
+        return event + b"\n\n"
+
+    def _usage_event(self, attempt: Attempt, event: bytes) -> bytes:
         try:
-            data = _json_decode(payload)
+            data = _json_decode(event[5:])
         except msgspec.DecodeError:
             return event + b"\n\n"
-        if not isinstance(data, dict):
+        usage = data.get("usage") if isinstance(data, dict) else None
+        if not isinstance(usage, dict):
             return event + b"\n\n"
-        if "error" in data:
-            attempt.finished = True
-            return event + b"\n\n"
-        now = time.perf_counter()
-        choices = data.get("choices") or []
-        if choices:
-            choice = choices[0]
-            piece = (choice.get("delta") or {}).get("content") if "delta" in choice else choice.get("text")
-            if piece:
-                attempt.text.append(piece)
-            if piece or choice.get("finish_reason") is None:
-                if attempt.first_token_at is None:
-                    attempt.first_token_at = now
-                    self.m_ttft.observe(now - attempt.started)
-                    asyncio.ensure_future(self._router_event("first_token", attempt))
-                elif attempt.last_token_at is not None:
-                    self.m_itl.observe(now - attempt.last_token_at)
-                attempt.last_token_at = now
-                attempt.chunks += 1
-        usage = data.get("usage")
-        if usage:
-            if attempt.migrated:
-                # a migrated stream: report the client's view of the whole request
-                prompt = attempt.prompt_tokens or usage.get("prompt_tokens", 0)
-                usage = {"prompt_tokens": prompt, "completion_tokens": attempt.chunks,
-                         "total_tokens": prompt + attempt.chunks}
-                data["usage"] = usage
-                event = b"data: " + _json_encode(data)
-            attempt.usage = usage
-            self.m_input.inc(usage.get("prompt_tokens", 0))
-            self.m_output.inc(usage.get("completion_tokens", 0))
+        if data.get("choices"):
+            attempt.chunks += 1  # a last content chunk that carries usage too
+        if attempt.migrated:
+            # the client's view of the whole request, not the last worker's continuation
+            prompt = attempt.prompt_tokens or usage.get("prompt_tokens", 0)
+            usage = {"prompt_tokens": prompt, "completion_tokens": attempt.chunks, "total_tokens": prompt + attempt.chunks}
+            data["usage"] = usage
+            event = b"data: " + _json_encode(data)
+        attempt.usage = usage
+        self.m_input.inc(usage.get("prompt_tokens", 0))
+        self.m_output.inc(usage.get("completion_tokens", 0))
         return event + b"\n\n"
 
     def _count_unary(self, attempt: Attempt, data: bytes, status: int) -> None:

@@ -1,0 +1,154 @@
+#!/usr/bin/env python3
+"""Gateway overhead: streamed tokens/s and TTFT through the frontend vs directly to the same workers.
+
+Starts `dynamo serve` (mocker workers with speedup_ratio 0, so the engines are never the
+bottleneck), then drives the same streaming load at each concurrency twice, side by side:
+directly to the workers (client-side round-robin) and through the frontend. Prints the
+throughput ratio and the TTFT the gateway adds. Optionally also through sglang-router
+(`--sglang-router`, needs `pip install sglang-router`) in front of the same workers.
+
+    python scripts/bench_gateway.py [--workers 2] [--concurrency 1 16 64 256] [--requests 400] [--tokens 64]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from itertools import cycle
+from pathlib import Path
+
+import aiohttp
+
+MODEL = "Qwen/Qwen3-0.6B"
+
+
+async def drive(urls: list[str], concurrency: int, requests: int, tokens: int) -> dict:
+    """Stream `requests` completions at `concurrency`; count SSE token chunks and TTFT."""
+    targets = cycle(urls)
+    ttfts: list[float] = []
+    chunks = 0
+    errors = 0
+    body = {"model": MODEL, "prompt": "hello world", "max_tokens": tokens, "min_tokens": tokens, "stream": True,
+            "ignore_eos": True}
+    remaining = requests
+    connector = aiohttp.TCPConnector(limit=0)
+    async with aiohttp.ClientSession(connector=connector) as session:
+        async def one() -> None:
+            nonlocal remaining, chunks, errors
+            while remaining > 0:
+                remaining -= 1
+                url = next(targets)
+                t0 = time.perf_counter()
+                first = None
+                try:
+                    async with session.post(url + "/v1/completions", json=body) as resp:
+                        async for line in resp.content:
+                            if line.startswith(b"data: {"):
+                                if first is None:
+                                    first = time.perf_counter() - t0
+                                chunks += 1
+                except aiohttp.ClientError:
+                    errors += 1
+                if first is not None:
+                    ttfts.append(first)
+
+        start = time.perf_counter()
+        await asyncio.gather(*(one() for _ in range(concurrency)))
+        elapsed = time.perf_counter() - start
+    ttfts.sort()
+    return {"tokens_per_s": chunks / elapsed, "ttft_p50_ms": statistics.median(ttfts) * 1000 if ttfts else float("nan"),
+            "errors": errors}
+
+
+def start_run(workers: int, home: Path) -> tuple[subprocess.Popen, dict]:
+    run_dir = home / "run"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "dynamo.cli.app", "serve", "agg", "--backend", "mocker", "--run-dir", str(run_dir),
+         "--set", f"workers.decode.replicas={workers}", "--set", "workers.decode.args.speedup-ratio=0",
+         "--set", "frontend.port=0", "--set", "nats.port=0", "--set", "ports.base=0", "--no-color"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        try:
+            state = json.loads((run_dir / "state.json").read_text())
+            if state.get("status") == "ready":
+                return proc, state
+        except (OSError, ValueError):
+            pass
+        time.sleep(0.1)
+    proc.kill()
+    raise RuntimeError("dynamo serve did not become ready")
+
+
+def start_sglang_router(worker_urls: list[str]) -> tuple[subprocess.Popen, str] | None:
+    if shutil.which("sglang-router") is None:
+        try:
+            import sglang_router  # noqa: F401
+        except ImportError:
+            print("sglang-router is not installed (pip install sglang-router): skipping that column")
+            return None
+    from dynamo.core.ports import pick_free_port
+
+    port = pick_free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "sglang_router.launch_router", "--worker-urls", *worker_urls,
+                             "--policy", "round_robin", "--host", "127.0.0.1", "--port", str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    return proc, f"http://127.0.0.1:{port}"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 16, 64, 256])
+    parser.add_argument("--requests", type=int, default=400)
+    parser.add_argument("--tokens", type=int, default=64)
+    parser.add_argument("--sglang-router", action="store_true", help="Also measure sglang-router (round_robin).")
+    args = parser.parse_args()
+    try:
+        import uvloop
+
+        uvloop.install()
+    except ImportError:
+        pass
+    home = Path(tempfile.mkdtemp(prefix="dynamo-gw-"))
+    proc, state = start_run(args.workers, home)
+    workers = [p["url"] for p in state["processes"].values() if p["kind"] == "worker"]
+    sglang = start_sglang_router(workers) if args.sglang_router else None
+    try:
+        if sglang:
+            time.sleep(3)
+        print(f"{args.workers} mocker workers (speedup 0), {args.requests} streamed requests × {args.tokens} tokens")
+        head = f"{'conc':>5}{'direct tok/s':>14}{'frontend tok/s':>16}{'ratio':>7}{'TTFT direct':>13}{'TTFT fe':>9}{'added ms':>10}"
+        if sglang:
+            head += f"{'sglang tok/s':>14}{'ours/sglang':>12}"
+        print(head)
+        for conc in args.concurrency:
+            direct = asyncio.run(drive(workers, conc, args.requests, args.tokens))
+            via = asyncio.run(drive([state["endpoint"]], conc, args.requests, args.tokens))
+            line = (f"{conc:>5}{direct['tokens_per_s']:>14,.0f}{via['tokens_per_s']:>16,.0f}"
+                    f"{via['tokens_per_s'] / direct['tokens_per_s']:>7.2f}{direct['ttft_p50_ms']:>13.2f}"
+                    f"{via['ttft_p50_ms']:>9.2f}{via['ttft_p50_ms'] - direct['ttft_p50_ms']:>10.2f}")
+            if sglang:
+                sg = asyncio.run(drive([sglang[1]], conc, args.requests, args.tokens))
+                line += f"{sg['tokens_per_s']:>14,.0f}{via['tokens_per_s'] / sg['tokens_per_s']:>12.2f}"
+            if direct["errors"] or via["errors"]:
+                line += f"  errors direct={direct['errors']} frontend={via['errors']}"
+            print(line, flush=True)
+    finally:
+        if sglang:
+            sglang[0].terminate()
+        proc.send_signal(signal.SIGINT)
+        proc.wait(60)
+        shutil.rmtree(home, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
