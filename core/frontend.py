@@ -30,6 +30,7 @@ import msgspec
 from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
+from dynamo.core.disagg import PROTOCOLS, EarlyFinish, strip_foreign
 from dynamo.core.discovery import DEFAULT_TTL, DiscoveryWatcher, Instance, connect
 from dynamo.core.hashing import chain_block_hashes
 
@@ -139,6 +140,7 @@ class Attempt:
     hashes: list[int] | None = None
     prompt_tokens: int | None = None
     migrated: bool = False
+    background: asyncio.Future | None = None  # a concurrent prefill request (SGLang)
 
     def generated_text(self) -> str:
         pieces = []
@@ -159,6 +161,7 @@ class Frontend:
         self.namespace = args.namespace
         self.model = args.model
         self.picker = WorkerPicker(args.router_mode if args.router_mode != "kv" else "round_robin")
+        self.protocol = PROTOCOLS[args.disagg_protocol]()
         self.watcher: DiscoveryWatcher | None = None
         self.nc = None
         self.session: aiohttp.ClientSession | None = None
@@ -315,7 +318,27 @@ class Frontend:
             await self._router_event("finished", attempt)
 
     async def _serve(self, request: web.Request, attempt: Attempt) -> web.StreamResponse:
-        prefill_params = await self._maybe_prefill(attempt)
+        try:
+            prefill_fields = await self._maybe_prefill(attempt)
+        except EarlyFinish as done:
+            return await self._early_finish(request, attempt, done.response)
+        try:
+            return await self._decode(request, attempt, prefill_fields)
+        finally:
+            if attempt.background is not None and not attempt.background.done():
+                attempt.background.cancel()
+
+    async def _early_finish(self, request: web.Request, attempt: Attempt, answer: dict) -> web.StreamResponse:
+        if not attempt.body.get("stream"):
+            return web.Response(body=_json_encode(answer), content_type="application/json",
+                                headers={"x-request-id": attempt.request_id})
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "x-request-id": attempt.request_id})
+        await response.prepare(request)
+        await response.write(b"data: [DONE]\n\n")
+        await response.write_eof()
+        return response
+
+    async def _decode(self, request: web.Request, attempt: Attempt, prefill_fields: dict | None) -> web.StreamResponse:
         response: web.StreamResponse | None = None
         migrations = 0
         while True:
@@ -328,7 +351,7 @@ class Frontend:
                     raise ApiError(503, f"all {len(attempt.tried)} workers tried failed to answer", "service_unavailable")
                 raise ApiError(503, "no worker is ready", "service_unavailable")
             attempt.tried.add(worker.key)
-            body = self._body_for(attempt, prefill_params if response is None else None)
+            body = self._body_for(attempt, prefill_fields if response is None else None)
             self.picker.in_flight[worker.key] += 1
             try:
                 result = await self._relay(request, attempt, worker, body, response)
@@ -350,15 +373,15 @@ class Frontend:
             attempt.migrated = True
             self.m_migrations.inc()
 
-    def _body_for(self, attempt: Attempt, kv_transfer_params: dict | None) -> bytes:
+    def _body_for(self, attempt: Attempt, prefill_fields: dict | None) -> bytes:
         """The bytes to send: the client's own body when nothing changes (no re-encoding)."""
-        if not (attempt.chunks and not attempt.finished) and not kv_transfer_params:
+        if not (attempt.chunks and not attempt.finished) and not prefill_fields:
             return attempt.raw
         body = attempt.body
         if attempt.chunks and not attempt.finished:
             body = self._continuation(attempt)
-        if kv_transfer_params:
-            body = {**body, "kv_transfer_params": kv_transfer_params}
+        if prefill_fields:
+            body = strip_foreign(body, prefill_fields)
         return _json_encode(body)
 
     def _can_continue(self, attempt: Attempt) -> bool:
@@ -442,57 +465,64 @@ class Frontend:
     # --------------------------------------------------------------- disaggregation
 
     async def _maybe_prefill(self, attempt: Attempt) -> dict | None:
-        """vLLM protocol: a ``max_tokens: 1`` request with ``do_remote_decode`` on a prefill worker;
-        its ``kv_transfer_params`` go to the decode worker. Short uncached prompts skip it."""
+        """Run the prefill step of the backend's protocol; return the fields the decode request needs.
+
+        None means aggregated serving: no prefill workers, a short uncached prompt (below
+        ``--disagg-threshold``), or every prefill worker failed (decode then computes the prompt).
+        """
         prefill_workers = self.pool(("prefill",))
         if not prefill_workers:
             return None
         if self.args.disagg_threshold:
             hashes = self._hashes(attempt)
-            tokens = attempt.prompt_tokens or 0
             overlap = 0
             if self.args.router_mode == "kv" and hashes:
                 decision = await self._ask_router(attempt, "decode", account=False)
                 overlap = (decision or {}).get("overlap", 0)
-            if tokens - overlap * self.args.block_size < self.args.disagg_threshold:
+            if (attempt.prompt_tokens or 0) - overlap * self.args.block_size < self.args.disagg_threshold:
                 self.m_disagg.labels("local").inc()
                 return None
-        body = {k: v for k, v in attempt.body.items()
-                if k not in ("stream_options", "max_completion_tokens", "min_tokens")}
-        body.update({"max_tokens": 1, "stream": False,
-                     "kv_transfer_params": {"do_remote_decode": True, "do_remote_prefill": False,
-                                            "remote_engine_id": None, "remote_block_ids": None,
-                                            "remote_host": None, "remote_port": None}})
         tried: set[str] = set()
         while True:
             candidates = [w for w in prefill_workers if w.key not in tried]
             if not candidates:
                 self.m_disagg.labels("prefill_failed").inc()
-                return None  # decode computes the prompt itself
+                return None
             worker = None
             if self.args.router_mode == "kv" and not tried:
-                decision = await self._ask_router(Attempt(attempt.request_id + "-prefill", attempt.path, attempt.body,
-                                                          hashes=self._hashes(attempt)), "prefill")
+                probe = Attempt(attempt.request_id + "-prefill", attempt.path, attempt.body, hashes=self._hashes(attempt))
+                decision = await self._ask_router(probe, "prefill")
                 if decision:
                     worker = next((w for w in candidates if w.key == decision.get("worker")), None)
+                    asyncio.ensure_future(self._router_event("finished", probe))
             worker = worker or self.picker.pick(candidates)
             tried.add(worker.key)
-            try:
-                async with self.session.post(worker.url + attempt.path, json=body,
-                                             headers={"x-request-id": attempt.request_id}) as resp:
-                    data = await resp.read()
-                if resp.status >= 500:
-                    continue
-                if resp.status >= 400:
-                    raise ApiError(resp.status, _error_message(data), "invalid_request_error")
-                params = _json_decode(data).get("kv_transfer_params")
-                if self.args.router_mode == "kv":
-                    await self._router_event("finished", Attempt(attempt.request_id + "-prefill", "", {}))
+            prefill_body = self.protocol.prefill_body(attempt.body, worker.data, attempt.request_id)
+            if self.protocol.concurrent:
+                attempt.background = asyncio.ensure_future(self._post_prefill(worker, attempt, prefill_body))
                 self.m_disagg.labels("remote").inc()
-                return params
+                return self.protocol.decode_fields(attempt.body, None, prefill_body, attempt.path)
+            try:
+                answer = await self._post_prefill(worker, attempt, prefill_body)
             except (aiohttp.ClientError, asyncio.TimeoutError, msgspec.DecodeError):
                 self.suspect[worker.key] = time.monotonic() + SUSPECT_SECONDS
                 continue
+            if answer is None:
+                continue
+            self.m_disagg.labels("remote").inc()
+            return self.protocol.decode_fields(attempt.body, answer, prefill_body, attempt.path)
+
+    async def _post_prefill(self, worker: Instance, attempt: Attempt, body: dict) -> dict | None:
+        """POST the prefill request; None on a worker error (5xx), ApiError on a client error (4xx)."""
+        async with self.session.post(worker.url + attempt.path, data=_json_encode(body),
+                                     headers={"x-request-id": attempt.request_id,
+                                              "Content-Type": "application/json"}) as resp:
+            data = await resp.read()
+        if resp.status >= 500:
+            return None
+        if resp.status >= 400:
+            raise ApiError(resp.status, _error_message(data))
+        return _json_decode(data) if data else {}
 
     # --------------------------------------------------------------- proxying
 
@@ -655,6 +685,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--migration-limit", type=int, default=3, help="Times a broken stream may move to another worker.")
     parser.add_argument("--disagg-threshold", type=int, default=0,
                         help="Prompts with fewer uncached tokens than this skip the prefill worker (0: never skip).")
+    parser.add_argument("--disagg-protocol", default="vllm", choices=sorted(PROTOCOLS),
+                        help="How prefill and decode workers hand over the KV cache (the backend's protocol).")
     parser.add_argument("--discovery-ttl", type=float, default=DEFAULT_TTL)
     parser.add_argument("--api-key", default=os.environ.get("DYNAMO_API_KEY") or None,
                         help="Require 'Authorization: Bearer KEY' (default $DYNAMO_API_KEY).")

@@ -17,6 +17,7 @@ from pydantic import BaseModel, Field
 
 from dynamo.backends import get_backend
 from dynamo.backends.base import WorkerContext, custom_launch, model_dir
+from dynamo.core.disagg import BACKEND_PROTOCOL
 from dynamo.core.errors import PlanError, UsageError
 from dynamo.core.gpus import GpuInventory
 from dynamo.core.nats_server import nats_server_argv, nats_server_binary
@@ -316,6 +317,7 @@ def build_plan(
             "--model", profile.model.name, "--router-mode", router.mode,
             "--block-size", str(profile.model.block_size), "--migration-limit", str(fe.migration_limit),
             "--router-timeout", f"{router.timeout:g}",
+            "--disagg-protocol", BACKEND_PROTOCOL[profile.backend],
             *(["--disagg-threshold", str(router.disagg_threshold)] if router.disagg_threshold else []),
             *(["--model-path", str(model_dir(profile))] if model_dir(profile) else []),
             *_flags(fe.args),

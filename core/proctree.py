@@ -46,6 +46,28 @@ def descendants(pid: int) -> dict[int, float]:
     return found
 
 
+def descendants_of_many(roots: list[int]) -> dict[int, dict[int, float]]:
+    """Descendants of several processes from one scan of the process table (cheaper than one per root)."""
+    children: dict[int, list[int]] = {}
+    created: dict[int, float] = {}
+    for proc in psutil.process_iter(["ppid", "create_time"]):
+        info = proc.info
+        if info.get("ppid") is not None:
+            children.setdefault(info["ppid"], []).append(proc.pid)
+            created[proc.pid] = info.get("create_time") or 0.0
+    result: dict[int, dict[int, float]] = {}
+    for root in roots:
+        found: dict[int, float] = {}
+        stack = list(children.get(root, ()))
+        while stack:
+            pid = stack.pop()
+            if pid not in found:
+                found[pid] = created.get(pid, 0.0)
+                stack.extend(children.get(pid, ()))
+        result[root] = found
+    return result
+
+
 def marked_processes(run_id: str, process: str | None = None) -> dict[int, float]:
     """Processes whose environment carries this run's marker (and, if given, this process name)."""
     needle = f"{RUN_MARKER}={run_id}".encode()

@@ -29,7 +29,7 @@ from dynamo.core.restart import backoff_delay, wants_restart
 from dynamo.core.rundir import RotatingLog, RunDir
 
 _LIVENESS_MIN_PERIOD = 2.0
-_DESCENDANT_SCAN_PERIOD = 1.0
+_DESCENDANT_SCAN_PERIOD = 3.0
 
 
 @dataclass
@@ -432,13 +432,14 @@ class Supervisor:
         while True:
             await asyncio.sleep(_DESCENDANT_SCAN_PERIOD)
             changed = False
-            for comp in self.components:
-                if comp.proc is not None and not comp.exited.is_set():
-                    found = proctree.descendants(comp.proc.pid)
-                    new = {p: t for p, t in found.items() if p not in comp.descendants}
-                    if new:
-                        comp.descendants.update(new)
-                        changed = True
+            running = [c for c in self.components if c.proc is not None and not c.exited.is_set()]
+            trees = proctree.descendants_of_many([c.proc.pid for c in running])
+            for comp in running:
+                found = trees.get(comp.proc.pid, {})
+                new = {p: t for p, t in found.items() if p not in comp.descendants}
+                if new:
+                    comp.descendants.update(new)
+                    changed = True
             if changed:
                 self._write_state()
 

@@ -104,7 +104,7 @@ def test_nats_on_a_public_address_needs_a_token():
 
 
 def test_launcher_owned_flags_are_refused_with_the_key_to_use():
-    with pytest.raises(PlanError, match="use workers.<group>.port or ports.base"):
+    with pytest.raises(PlanError, match=r"the launcher sets --port.*ports.base"):
         plan_of("name: p\nmodel: {name: m}\nworkers:\n  w: {args: {port: 9}}\n")
 
 
