@@ -7,6 +7,7 @@ worker, the engine hash → our hash map needed to apply removals and to chain c
 
 from __future__ import annotations
 
+import heapq
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -17,7 +18,8 @@ from dynamo.core.hashing import chain_block_hashes
 @dataclass
 class _WorkerBlocks:
     ours: dict[int, int] = field(default_factory=dict)  # engine hash -> our hash
-    expires: dict[int, float] = field(default_factory=dict)  # approximate mode: our hash -> deadline
+    confirmed: dict[int, int] = field(default_factory=dict)  # our hash -> how many engine blocks carry it
+    expires: dict[int, float] = field(default_factory=dict)  # predicted: our hash -> deadline
 
 
 class KvIndex:
@@ -30,6 +32,8 @@ class KvIndex:
         self.workers: dict[str, _WorkerBlocks] = {}
         self.bits: dict[str, int] = {}
         self._names: dict[int, str] = {}
+        self._deadlines: list[tuple[float, int, str, tuple[int, ...]]] = []
+        self._seq = 0
         self.events_applied = 0
         self.orphan_blocks = 0  # stored blocks whose parent we never saw
 
@@ -57,8 +61,12 @@ class KvIndex:
                 return
         ours = chain_block_hashes(token_ids[:len(engine_hashes) * size], size, parent_ours)
         holders = self.holders
+        confirmed = blocks.confirmed
         for engine_hash, our_hash in zip(engine_hashes, ours):
+            if engine_hash in blocks.ours:
+                continue
             blocks.ours[engine_hash] = our_hash
+            confirmed[our_hash] = confirmed.get(our_hash, 0) + 1
             holders[our_hash] = holders.get(our_hash, 0) | bit
         self.events_applied += 1
 
@@ -68,16 +76,21 @@ class KvIndex:
             return
         for engine_hash in engine_hashes:
             our_hash = blocks.ours.pop(engine_hash, None)
-            if our_hash is not None:
+            if our_hash is None:
+                continue
+            left = blocks.confirmed.get(our_hash, 1) - 1
+            if left > 0:
+                blocks.confirmed[our_hash] = left
+                continue
+            blocks.confirmed.pop(our_hash, None)
+            if our_hash not in blocks.expires:
                 self._drop(our_hash, worker)
         self.events_applied += 1
 
     def cleared(self, worker: str) -> None:
         blocks = self.workers.pop(worker, None)
         if blocks:
-            for our_hash in blocks.ours.values():
-                self._drop(our_hash, worker)
-            for our_hash in blocks.expires:
+            for our_hash in (*blocks.confirmed, *blocks.expires):
                 self._drop(our_hash, worker)
         self.events_applied += 1
 
@@ -97,10 +110,14 @@ class KvIndex:
             else:
                 del self.holders[our_hash]
 
-    # ------------------------------------------------------------ approximate mode
+    # ------------------------------------------------------------ predictions
 
     def predict(self, worker: str, hashes: Sequence[int], ttl: float, now: float | None = None) -> None:
-        """Without events: assume ``worker`` now caches these blocks, for ``ttl`` seconds."""
+        """Assume ``worker`` caches these blocks for ``ttl`` seconds: the whole truth in approximate mode
+        (no events), and a bridge until the events arrive otherwise (requests sharing a prefix that
+        arrive together follow the first one)."""
+        if not hashes:
+            return
         blocks = self.workers.setdefault(worker, _WorkerBlocks())
         bit = self._bit(worker)
         deadline = (now or time.monotonic()) + ttl
@@ -108,17 +125,25 @@ class KvIndex:
         for our_hash in hashes:
             blocks.expires[our_hash] = deadline
             holders[our_hash] = holders.get(our_hash, 0) | bit
+        self._seq += 1
+        heapq.heappush(self._deadlines, (deadline, self._seq, worker, tuple(hashes)))
 
     def expire(self, now: float | None = None) -> int:
+        """Forget predictions past their deadline; cheap when nothing is due (a heap of deadlines)."""
         now = now or time.monotonic()
         dropped = 0
-        for worker, blocks in self.workers.items():
-            stale = [h for h, deadline in blocks.expires.items() if deadline <= now]
-            for our_hash in stale:
-                del blocks.expires[our_hash]
-                if our_hash not in blocks.ours.values():
-                    self._drop(our_hash, worker)
-                dropped += 1
+        heap = self._deadlines
+        while heap and heap[0][0] <= now:
+            deadline, _, worker, hashes = heapq.heappop(heap)
+            blocks = self.workers.get(worker)
+            if blocks is None:
+                continue
+            for our_hash in hashes:
+                if blocks.expires.get(our_hash) == deadline:  # not predicted again since
+                    del blocks.expires[our_hash]
+                    if our_hash not in blocks.confirmed:
+                        self._drop(our_hash, worker)
+                    dropped += 1
         return dropped
 
     # ------------------------------------------------------------ queries
@@ -152,7 +177,7 @@ class KvIndex:
 
     def block_count(self, worker: str) -> int:
         blocks = self.workers.get(worker)
-        return len(blocks.ours) + len(blocks.expires) if blocks else 0
+        return len(blocks.confirmed.keys() | blocks.expires.keys()) if blocks else 0
 
     @property
     def total_blocks(self) -> int:

@@ -158,6 +158,7 @@ class Router:
         self.temperature = temperature
         self.use_events = use_events
         self.approx_ttl = approx_ttl
+        self.pending_ttl = 10.0
         self.rng = rng or random.Random()
         self.loads: dict[str, WorkerLoad] = {}
         self.owner: dict[str, str] = {}  # request id -> worker key
@@ -207,8 +208,8 @@ class Router:
             return {"worker": chosen, "url": self.workers[chosen].url, "overlap": overlap, "cost": costs[chosen]}
         self.loads[chosen].add(request_id, request_blocks, request_blocks - overlap)
         self.owner[request_id] = chosen
-        if chosen not in self.feeds:
-            self.index.predict(chosen, hashes, self.approx_ttl)
+        # Without events the prediction is all we know; with events it bridges until they arrive.
+        self.index.predict(chosen, hashes, self.approx_ttl if chosen not in self.feeds else self.pending_ttl)
         self.decisions += 1
         return {"worker": chosen, "url": self.workers[chosen].url, "overlap": overlap, "cost": costs[chosen]}
 

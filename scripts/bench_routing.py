@@ -1,0 +1,184 @@
+#!/usr/bin/env python3
+"""Routing quality on a shared-prefix workload: kv vs round_robin vs random (vs sglang-router cache_aware).
+
+Serves 4 mocker workers with the default timing model and a KV cache too small to hold
+every prefix on every worker, so where a request lands decides whether its prefix is a
+cache hit. The same shuffled workload (G groups × P prompts sharing an L-token prefix)
+runs through the frontend once per router mode, side by side, and optionally through
+sglang-router's cache_aware policy in front of the same workers
+(`--sglang-python /path/to/venv/bin/python`, a venv with `pip install sglang-router`).
+
+    python scripts/bench_routing.py [--groups 64] [--per-group 16] [--prefix 2000] [--concurrency 16]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import random
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import aiohttp
+
+MODEL = "Qwen/Qwen3-0.6B"
+def workload(groups: int, per_group: int, prefix_tokens: int, seed: int = 0) -> list[str]:
+    """Text prompts (sglang-router takes only text): a shared prefix plus a 32-token question, made by
+    decoding random ids with the mocker's built-in tokenizer so lengths are close to exact."""
+    from dynamo.core.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer(None)
+    words = [w for i in range(tokenizer.vocab_size) if (w := tokenizer.decode([i])).startswith(" ")
+             and w[1:].isalpha() and tokenizer.encode(w, add_special_tokens=False) == [i]]
+    rng = random.Random(seed)
+    prompts = []
+    for _ in range(groups):
+        prefix = "".join(rng.choice(words) for _ in range(prefix_tokens))
+        for _ in range(per_group):
+            prompts.append(prefix + "".join(rng.choice(words) for _ in range(32)))
+    rng.shuffle(prompts)
+    return prompts
+
+
+async def drive(url: str, prompts: list[str], concurrency: int, tokens: int) -> dict:
+    queue = list(prompts)
+    ttfts: list[float] = []
+    errors = 0
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
+        async def one() -> None:
+            nonlocal errors
+            while queue:
+                prompt = queue.pop()
+                t0 = time.perf_counter()
+                try:
+                    async with session.post(url + "/v1/completions", json={
+                            "model": MODEL, "prompt": prompt, "max_tokens": tokens, "stream": True}) as resp:
+                        first = None
+                        async for line in resp.content:
+                            if first is None and line.startswith(b"data: {"):
+                                first = time.perf_counter() - t0
+                        if first is None:
+                            errors += 1
+                        else:
+                            ttfts.append(first)
+                except aiohttp.ClientError:
+                    errors += 1
+
+        start = time.perf_counter()
+        await asyncio.gather(*(one() for _ in range(concurrency)))
+        elapsed = time.perf_counter() - start
+    ttfts.sort()
+    if not ttfts:
+        raise RuntimeError(f"every request failed ({errors} errors)")
+    return {"ttft_p50": statistics.median(ttfts) * 1000, "ttft_p99": ttfts[int(0.99 * (len(ttfts) - 1))] * 1000,
+            "req_s": len(ttfts) / elapsed, "errors": errors}
+
+
+def serve(mode: str, args: argparse.Namespace, home: Path) -> tuple[subprocess.Popen, dict]:
+    run_dir = home / f"run-{mode}-{time.monotonic_ns()}"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "dynamo.cli.app", "serve", "agg", "--backend", "mocker", "--run-dir", str(run_dir),
+         "--set", f"workers.decode.replicas={args.workers}", "--set", f"router.mode={mode}",
+         "--set", f"workers.decode.args.num-gpu-blocks={args.blocks}",
+         "--set", f"router.overlap_weight={args.overlap_weight}",
+         "--set", "frontend.port=0", "--set", "nats.port=0", "--set", "ports.base=0", "--no-color"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        try:
+            state = json.loads((run_dir / "state.json").read_text())
+            if state.get("status") == "ready":
+                return proc, state
+        except (OSError, ValueError):
+            pass
+        time.sleep(0.1)
+    proc.kill()
+    raise RuntimeError("dynamo serve did not become ready")
+
+
+def hit_rate(state: dict) -> float:
+    """Prefix-cache hits / queries summed over the workers (vLLM metric names)."""
+    import httpx
+
+    hits = queries = 0.0
+    for proc in state["processes"].values():
+        if proc["kind"] != "worker":
+            continue
+        for line in httpx.get(proc["url"] + "/metrics", timeout=5).text.splitlines():
+            if line.startswith("vllm:prefix_cache_hits_total"):
+                hits += float(line.rsplit(" ", 1)[1])
+            elif line.startswith("vllm:prefix_cache_queries_total"):
+                queries += float(line.rsplit(" ", 1)[1])
+    return hits / queries if queries else 0.0
+
+
+def stop(proc: subprocess.Popen) -> None:
+    proc.send_signal(signal.SIGINT)
+    proc.wait(60)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--workers", type=int, default=4)
+    parser.add_argument("--groups", type=int, default=64)
+    parser.add_argument("--per-group", type=int, default=16)
+    parser.add_argument("--prefix", type=int, default=2000, help="Shared prefix length in tokens.")
+    parser.add_argument("--blocks", type=int, default=3000,
+                        help="KV blocks per worker (16 tokens each): fewer than every prefix on every worker.")
+    parser.add_argument("--concurrency", type=int, default=16)
+    parser.add_argument("--tokens", type=int, default=16)
+    parser.add_argument("--overlap-weight", type=float, default=1.0, help="router.overlap_weight for kv.")
+    parser.add_argument("--modes", nargs="+", default=["kv", "round_robin", "random"])
+    parser.add_argument("--sglang-python", default=None, help="Python of a venv with sglang-router installed.")
+    args = parser.parse_args()
+    prompts = workload(args.groups, args.per_group, args.prefix)
+    home = Path(tempfile.mkdtemp(prefix="dynamo-routing-"))
+    results: dict[str, dict] = {}
+    try:
+        for mode in args.modes:
+            proc, state = serve(mode, args, home)
+            try:
+                results[mode] = asyncio.run(drive(state["endpoint"], prompts, args.concurrency, args.tokens))
+                results[mode]["hit_rate"] = hit_rate(state)
+            finally:
+                stop(proc)
+            print(f"{mode}: {results[mode]}", flush=True)
+        if args.sglang_python:
+            from dynamo.core.ports import pick_free_port
+
+            proc, state = serve("round_robin", args, home)
+            workers = [p["url"] for p in state["processes"].values() if p["kind"] == "worker"]
+            port = pick_free_port()
+            router = subprocess.Popen([args.sglang_python, "-m", "sglang_router.launch_router", "--worker-urls",
+                                       *workers, "--policy", "cache_aware", "--host", "127.0.0.1", "--port", str(port)],
+                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+            try:
+                time.sleep(5)
+                results["sglang cache_aware"] = asyncio.run(
+                    drive(f"http://127.0.0.1:{port}", prompts, args.concurrency, args.tokens))
+                print(f"sglang cache_aware: {results['sglang cache_aware']}", flush=True)
+            finally:
+                router.terminate()
+                router.wait(30)
+                stop(proc)
+    finally:
+        shutil.rmtree(home, ignore_errors=True)
+    base = results.get("round_robin")
+    print(f"\n{len(prompts)} requests: {args.groups} groups × {args.per_group} sharing {args.prefix} tokens, "
+          f"{args.workers} mocker workers × {args.blocks} blocks, concurrency {args.concurrency}")
+    print(f"{'router':22}{'TTFT p50 ms':>12}{'TTFT p99 ms':>12}{'req/s':>8}{'hit rate':>9}{'p50 vs rr':>11}{'errors':>8}")
+    for name, r in results.items():
+        ratio = f"{base['ttft_p50'] / r['ttft_p50']:.2f}x" if base else "-"
+        hits = f"{r['hit_rate']:.0%}" if "hit_rate" in r else "-"
+        print(f"{name:22}{r['ttft_p50']:>12.1f}{r['ttft_p99']:>12.1f}{r['req_s']:>8.1f}{hits:>9}{ratio:>11}{r['errors']:>8}")
+
+
+if __name__ == "__main__":
+    main()
