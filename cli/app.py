@@ -139,6 +139,13 @@ def stop(
     raise typer.Exit(runs.stop(run, timeout))
 
 
+# ---------------------------------------------------------------------------- check
+
+from dynamo.cli import check as _check  # noqa: E402  (its heavy imports happen inside the command)
+
+app.command("check")(_check.check)
+
+
 # ---------------------------------------------------------------------------- profile
 
 

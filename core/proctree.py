@@ -2,8 +2,9 @@
 
 Engines escape process groups (vLLM's EngineCore, TensorRT-LLM's MPI children), so we
 (1) give each child a parent-death signal, (2) record descendants while they run, and
-(3) mark every child's environment with the run id, which its descendants inherit, so a
-final sweep finds the ones that double-forked into a new session.
+(3) mark every child's environment with the run's marker (its run directory's absolute path,
+``DYNAMO_RUN_ID``), which descendants inherit, so a final sweep finds the ones that
+double-forked into a new session.
 """
 
 from __future__ import annotations

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -32,6 +33,9 @@ class CheckOptions:
     url: str | None = None
     run: str | None = None
     home: Path | None = None  # $DYNAMO_HOME; None means the default
+    # Seconds from the `dynamo` process's start to the check command: what importing dynamo
+    # costs a user, measured for free. Without it the software section times the import in a child.
+    cli_startup: float | None = None
 
 
 @dataclass
@@ -83,6 +87,9 @@ class CheckContext:
         self._nvml: GpuInventory | None = None
         self._profile: ProfileState | None = None
         self._profile_lock = threading.Lock()
+        # The runner sets both; sections bound their waits by the deadline (time.monotonic()).
+        self.started = time.monotonic()
+        self.deadline = self.started + 2.0
 
     # ------------------------------------------------------------------ GPUs
 

@@ -90,7 +90,7 @@ def _processes(ctx: CheckContext, out: Results, inventory) -> None:
         info = by_pid.get(pid)
         who = info.command if info else "not visible here (another PID namespace)"
         owner = f"; run {info.run_marker}" if info and info.run_marker else ""
-        out.info(f"gpu process {pid}", f"GPU {gpu_of[pid]}: pid {pid} holds {used} MiB: {who}{owner}",
+        out.info("gpu process", f"GPU {gpu_of[pid]}: pid {pid} holds {used} MiB: {who}{owner}",
                  pid=pid, gpu=gpu_of[pid], used_mb=used)
     for item in found:
         info = item.info

@@ -48,24 +48,28 @@ class Results:
         self.items: list[CheckResult] = []
         self._lock = threading.Lock()
 
-    def add(self, name: str, status: Status, message: str, fix: str | None = None,
+    # name, status and message are positional-only so that **data may use those words as keys.
+    def add(self, name: str, status: Status, message: str, /, fix: str | None = None,
             details: list[str] | None = None, **data: Any) -> CheckResult:
         result = CheckResult(self.section, name, status, message, fix, list(details or []), data)
         with self._lock:
             self.items.append(result)
         return result
 
-    def ok(self, name: str, message: str, **data: Any) -> CheckResult:
-        return self.add(name, "ok", message, **data)
+    def ok(self, name: str, message: str, /, details: list[str] | None = None, **data: Any) -> CheckResult:
+        return self.add(name, "ok", message, None, details, **data)
 
-    def info(self, name: str, message: str, fix: str | None = None, **data: Any) -> CheckResult:
-        return self.add(name, "info", message, fix, **data)
+    def info(self, name: str, message: str, /, fix: str | None = None, details: list[str] | None = None,
+             **data: Any) -> CheckResult:
+        return self.add(name, "info", message, fix, details, **data)
 
-    def warn(self, name: str, message: str, fix: str | None = None, **data: Any) -> CheckResult:
-        return self.add(name, "warn", message, fix, **data)
+    def warn(self, name: str, message: str, /, fix: str | None = None, details: list[str] | None = None,
+             **data: Any) -> CheckResult:
+        return self.add(name, "warn", message, fix, details, **data)
 
-    def error(self, name: str, message: str, fix: str | None = None, **data: Any) -> CheckResult:
-        return self.add(name, "error", message, fix, **data)
+    def error(self, name: str, message: str, /, fix: str | None = None, details: list[str] | None = None,
+              **data: Any) -> CheckResult:
+        return self.add(name, "error", message, fix, details, **data)
 
     def snapshot(self) -> list[CheckResult]:
         with self._lock:

@@ -129,12 +129,9 @@ def check_ports(ctx: CheckContext, state: ProfileState, out: Results) -> None:
                   f"{fix + ', or ' if fix else ''}choose another port: --set {setting}",
                   port=claim.port, owner=claim.owner, holder=holder)
     if not busy:
-        listed = [f"{c.port} {c.owner}" for c in claims]
-        ports = {c.owner: c.port for c in claims}
-        if len(listed) > 4:
-            out.add("ports", "ok", f"all {len(claims)} planned ports are free", details=listed, ports=ports)
-        else:
-            out.ok("ports", f"all {len(claims)} planned ports are free: {', '.join(listed)}", ports=ports)
+        listed = ", ".join(f"{c.port} ({c.owner})" for c in sorted(claims, key=lambda c: c.port))
+        out.ok("ports", f"all {len(claims)} planned ports are free: {listed}",
+               ports={c.owner: c.port for c in claims})
 
 
 def _port_setting(owner: str) -> str:
@@ -147,7 +144,7 @@ def _port_setting(owner: str) -> str:
 
 def describe_holder(ctx: CheckContext, port: int) -> tuple[str | None, str | None]:
     """Who listens on ``port``, and the command that frees it when it is a dynamo run."""
-    from dynamo.core.check.stale import _run_marker, run_dir_of
+    from dynamo.core.check.stale import run_marker_of, run_dir_of
     from dynamo.core.ports import port_holder
 
     holder = port_holder(port)
@@ -156,7 +153,7 @@ def describe_holder(ctx: CheckContext, port: int) -> tuple[str | None, str | Non
     match = re.match(r"pid (\d+)", holder)
     if not match:
         return holder, None
-    marker = _run_marker(int(match.group(1)))
+    marker = run_marker_of(int(match.group(1)))
     if not marker:
         return holder, f"stop that process (kill {match.group(1)})"
     run = run_dir_of(marker, ctx.home())

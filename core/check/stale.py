@@ -5,6 +5,9 @@ A process is stale when
   running any more (its supervisor and sentinel are gone), or
 - it looks like an inference engine (by process name, argv[0], or ``python -m`` module),
   its parent is pid 1 (orphaned: whatever started it exited), and no live run owns it.
+  Two exceptions keep legitimate children of pid 1 out: a process in pid 1's own session
+  (a container whose entrypoint script started the engine with ``&``), and a process a
+  systemd service runs (its cgroup names a ``.service``).
 
 Detection is a pure function over ``ProcessInfo`` records (``find_stale``), so tests build
 the situation with real processes and check the verdict without a GPU. The GPU side is a
@@ -50,11 +53,17 @@ class ProcessInfo:
     run_marker: str | None = None  # value of DYNAMO_RUN_ID in its environment
     username: str | None = None
     create_time: float = 0.0
+    status: str = "running"  # psutil status; zombies hold nothing and are skipped
+    session: int | None = None  # session id (getsid)
+    service: str | None = None  # the systemd service running it, from its cgroup
 
     @property
     def command(self) -> str:
-        text = shlex.join(self.cmdline) if self.cmdline else f"[{self.name}]"
-        return text if len(text) <= 100 else text[:97] + "..."
+        """The command line, short: argv[0] without its directory, cut at 120 characters."""
+        if not self.cmdline:
+            return f"[{self.name}]"
+        text = shlex.join([os.path.basename(self.cmdline[0]), *self.cmdline[1:]])
+        return text if len(text) <= 120 else text[:117] + "..."
 
 
 @dataclass(frozen=True)
@@ -71,6 +80,7 @@ class ProcessTable:
 
     processes: list[ProcessInfo]
     live_markers: set[str] = field(default_factory=set)  # markers whose run sentinel is running
+    init_session: int | None = None  # session of pid 1: its own children share it, orphans do not
 
 
 def engine_of(name: str, cmdline: Iterable[str]) -> str | None:
@@ -109,7 +119,7 @@ def find_stale(
     verdicts: dict[str, bool] = {}
     stale: list[StaleProcess] = []
     for proc in table.processes:
-        if proc.pid in skip:
+        if proc.pid in skip or proc.status == "zombie":
             continue
         engine = engine_of(proc.name, proc.cmdline)
         memory = gpu_memory_mb.get(proc.pid)
@@ -121,10 +131,17 @@ def find_stale(
                 stale.append(StaleProcess(proc, engine, f"left over from run {marker}, which is no longer running",
                                           memory))
             continue
-        if engine and proc.ppid == _INIT_PID:
+        if engine and proc.ppid == _INIT_PID and not _child_of_init(proc, table):
             stale.append(StaleProcess(proc, engine, "orphaned: its parent exited (parent pid 1) and no dynamo run "
                                       "owns it", memory))
     return stale
+
+
+def _child_of_init(proc: ProcessInfo, table: ProcessTable) -> bool:
+    """pid 1 started it on purpose: an entrypoint script's job, or a systemd service."""
+    if proc.service:
+        return True
+    return proc.session is not None and table.init_session is not None and proc.session == table.init_session
 
 
 def scan_processes() -> ProcessTable:
@@ -134,22 +151,47 @@ def scan_processes() -> ProcessTable:
     me = os.getpid()
     processes: list[ProcessInfo] = []
     live: set[str] = set()
-    for proc in psutil.process_iter(["pid", "ppid", "name", "cmdline", "username", "create_time"]):
+    for proc in psutil.process_iter(["pid", "ppid", "name", "cmdline", "username", "create_time", "status"]):
         info = proc.info
         if info["pid"] == me:
             continue
         cmdline = tuple(info.get("cmdline") or ())
         if "dynamo.core.sentinel" in cmdline and cmdline[-1] != "dynamo.core.sentinel":
             live.add(cmdline[-1])  # a run's sentinel lives exactly as long as its supervisor
+        ppid = info.get("ppid") or 0
         processes.append(ProcessInfo(
-            pid=info["pid"], ppid=info.get("ppid") or 0, name=info.get("name") or "", cmdline=cmdline,
-            run_marker=_run_marker(info["pid"]), username=info.get("username"),
-            create_time=info.get("create_time") or 0.0,
+            pid=info["pid"], ppid=ppid, name=info.get("name") or "", cmdline=cmdline,
+            run_marker=run_marker_of(info["pid"]), username=info.get("username"),
+            create_time=info.get("create_time") or 0.0, status=info.get("status") or "running",
+            session=_session(info["pid"]) if ppid == _INIT_PID else None,
+            service=_service(info["pid"]) if ppid == _INIT_PID else None,
         ))
-    return ProcessTable(processes, live)
+    return ProcessTable(processes, live, _session(_INIT_PID))
 
 
-def _run_marker(pid: int) -> str | None:
+def _session(pid: int) -> int | None:
+    try:
+        return os.getsid(pid)
+    except OSError:
+        return None
+
+
+def _service(pid: int) -> str | None:
+    """The systemd service whose cgroup holds the process (``vllm.service``), if any."""
+    try:
+        cgroups = Path(f"/proc/{pid}/cgroup").read_text()
+    except OSError:
+        return None
+    for line in cgroups.splitlines():
+        path = line.rpartition(":")[2]
+        for part in path.split("/"):
+            if part.endswith(".service") and not part.startswith("user@"):
+                return part
+    return None
+
+
+def run_marker_of(pid: int) -> str | None:
+    """The run marker (DYNAMO_RUN_ID) in a process's environment, if readable."""
     try:
         environ = Path(f"/proc/{pid}/environ").read_bytes()
     except OSError:
@@ -194,7 +236,7 @@ def fix_for(stale: list[StaleProcess], home: Path | None = None) -> str:
     parts = list(stops)
     if pids:
         listed = " ".join(map(str, sorted(pids)))
-        parts.append(f"kill {listed} (then kill -9 {listed} if they are still there after 30 s)")
+        parts.append(f"kill {listed} unless someone means them to run (kill -9 {listed} if they ignore it)")
     return "; ".join(parts)
 
 

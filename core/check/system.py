@@ -188,7 +188,10 @@ def check_disk(ctx: CheckContext, out: Results) -> None:
     run_dir = ctx.home() / "runs"
     where = _existing(run_dir)
     _disk(out, "disk (runs)", run_dir, where, RUN_DIR_MIN_FREE)
-    if not os.access(where, os.W_OK):
+    if not where.is_dir():
+        out.error("runs writable", f"{where} is a file: dynamo serve cannot create {run_dir}",
+                  "set DYNAMO_HOME to a writable directory", path=str(run_dir))
+    elif not os.access(where, os.W_OK):
         out.error("runs writable", f"{where} is not writable: dynamo serve cannot create {run_dir}",
                   "set DYNAMO_HOME to a writable directory", path=str(run_dir))
     cache = model_cache_dir()
