@@ -85,6 +85,7 @@ def render_plan(plan: Plan) -> str:
         f"GPUs: {plan.gpu_inventory}",
         f"NATS: {plan.nats_url}",
         "{run_dir} is the run directory, created at start ($DYNAMO_HOME/runs/<run-id>).",
+        *(f"Note: {note}" for note in plan.notes),
     ]
     for proc in plan.processes:
         lines.append("")

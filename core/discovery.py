@@ -73,8 +73,8 @@ class DiscoveryPublisher:
         self._task: asyncio.Task | None = None
 
     @classmethod
-    async def open(cls, url: str, ttl: float = DEFAULT_TTL) -> DiscoveryPublisher:
-        nc = await connect(url, "dynamo-supervisor")
+    async def open(cls, url: str, ttl: float = DEFAULT_TTL, timeout: float = 5.0) -> DiscoveryPublisher:
+        nc = await connect(url, "dynamo-supervisor", timeout=timeout)
         return cls(nc, await open_bucket(nc, ttl), ttl)
 
     async def register(self, key: str, entry: dict[str, Any]) -> None:

@@ -90,6 +90,7 @@ class Plan(BaseModel):
     node: str | None = None
     gpu_inventory: str
     custom_commands: list[str] = Field(default_factory=list, description="Worker groups running their own command.")
+    notes: list[str] = Field(default_factory=list)
     processes: list[ProcessSpec]
 
     def port_claims(self) -> list[PortClaim]:
@@ -143,14 +144,16 @@ def _node_of(profile: Profile, component: str) -> str:
 class _GpuAssigner:
     """Hands out GPUs: explicit ids first (checked), then counts from what is left."""
 
-    def __init__(self, inventory: GpuInventory, profile: Profile):
+    def __init__(self, inventory: GpuInventory, groups: dict, where: str = ""):
         self.inventory = inventory
+        self.groups = groups  # the worker groups sharing this machine's GPUs
+        self.where = where  # "node gpu-a: " when each node has its own GPUs
         self.problems: list[str] = []
         self.used: dict[int, str] = {}
         self.short = False  # the total already exceeds the inventory: one message says so
         self.explicit: set[int] = set()
         existing = set(inventory.ids)
-        for group_name, group in profile.workers.items():
+        for group_name, group in groups.items():
             if isinstance(group.gpus, list):
                 for gpu in group.gpus:
                     if gpu not in existing:
@@ -184,14 +187,15 @@ class _GpuAssigner:
             self.used[gpu] = owner
         return chosen
 
-    def check_total(self, profile: Profile) -> None:
+    def check_total(self) -> None:
         needed = sum(
             (len(g.gpus) if isinstance(g.gpus, list) else g.gpus * g.replicas)
-            for g in profile.workers.values() if g.replicas
+            for g in self.groups.values() if g.replicas
         )
         if needed > self.inventory.count:
             self.short = True
-            self.problems.insert(0, f"the profile needs {needed} GPUs; {self._have()}")
+            who = self.where or "the profile "
+            self.problems.insert(0, f"{who}needs {needed} GPUs; {self._have()}")
 
 
 def build_plan(
@@ -204,6 +208,23 @@ def build_plan(
     backend = get_backend(profile.backend)
     if node is not None and profile.nodes and node not in profile.nodes:
         raise PlanError(f"--node {node}: the profile has nodes {', '.join(profile.nodes)}")
+    if node is not None and not profile.nodes:
+        raise PlanError(f"--node {node}: the profile has no nodes: section; everything runs on this machine")
+    notes: list[str] = []
+    # Without --node, a multinode profile runs all its nodes on this machine, on loopback.
+    collapsed = bool(profile.nodes) and node is None
+    if collapsed:
+        notes.append(f"all nodes ({', '.join(profile.nodes)}) run on this machine on 127.0.0.1; "
+                     f"on a cluster start each with --node NAME")
+
+    def host_for(component: str, spec_host: str, explicit: bool) -> str:
+        """A component binds where the profile says, else on its node's address (multinode)."""
+        if collapsed:
+            return spec_host if _is_loopback(spec_host) else "127.0.0.1"
+        if explicit or not profile.nodes:
+            return spec_host
+        placed = _node_of(profile, component)
+        return profile.nodes[placed].address if placed in profile.nodes else spec_host
     ports = PortAllocator(profile.ports.base)
     restart = profile.restart
     processes: list[ProcessSpec] = []
@@ -227,7 +248,7 @@ def build_plan(
 
     # NATS: embedded on this node, or external.
     if profile.nats.embedded:
-        nats_host = profile.nats.host
+        nats_host = host_for("nats", profile.nats.host, "host" in profile.nats.model_fields_set)
         if not _is_loopback(nats_host) and not profile.nats.token:
             raise PlanError(
                 f"nats.host: {nats_host} is not a loopback address; set nats.token "
@@ -266,31 +287,42 @@ def build_plan(
         infra = infra + ["router"]
 
     # Workers.
-    gpus = _GpuAssigner(inventory, profile) if backend.uses_gpus else None
-    if gpus:
-        gpus.check_total(profile)
+    # GPUs: one machine's inventory shared by every group, or (on a cluster) one per node.
+    assigners: dict[str, _GpuAssigner] = {}
+    if backend.uses_gpus:
+        per_node = bool(profile.nodes) and not collapsed
+        for group_name, group in profile.workers.items():
+            key = _node_of(profile, group_name) if per_node else LOCAL_NODE
+            if key not in assigners:
+                same = {n: g for n, g in profile.workers.items()
+                        if not per_node or _node_of(profile, n) == key}
+                assigners[key] = _GpuAssigner(inventory, same, f"node {key} " if per_node else "")
+        for assigner in assigners.values():
+            assigner.check_total()
     worker_names: list[str] = []
     for group_name, group in profile.workers.items():
+        worker_host = host_for(group_name, group.host, "host" in group.model_fields_set)
         for replica in range(group.replicas):
             name = f"{group_name}-{replica}"
+            gpus = assigners.get(_node_of(profile, group_name)) or assigners.get(LOCAL_NODE)
             assigned = gpus.assign(group_name, group.gpus, group.replicas, replica, name) if gpus else []
             port = group.port + replica if group.port else ports.allocate()
             ctx = WorkerContext(
                 profile=profile, group_name=group_name, group=group, replica=replica, name=name,
-                host=group.host, port=port, gpus=assigned, allocate_port=ports.allocate,
+                host=worker_host, port=port, gpus=assigned, allocate_port=ports.allocate,
                 args_from_other_backend=("backend",) in loaded.sources.overrides,
             )
             launch = custom_launch(ctx) if group.command else backend.launch(ctx)
             env = {**profile.env, **launch.env, **group.env}
             if backend.uses_gpus:
                 env["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, assigned))
-            host = "127.0.0.1" if group.host in ("0.0.0.0", "") else group.host
+            host = "127.0.0.1" if worker_host in ("0.0.0.0", "") else worker_host
             url = f"http://{host}:{port}"
             processes.append(ProcessSpec(
                 name=name, kind="worker", group=group_name, role=group.role, replica=replica,
                 node=_node_of(profile, group_name), argv=launch.argv, env=env, gpus=assigned,
-                host=group.host, ports={"http": port, **launch.ports}, url=url,
-                readiness_probe=_probe(group.readiness_probe, launch.readiness_probe, group.host, port,
+                host=worker_host, ports={"http": port, **launch.ports}, url=url,
+                readiness_probe=_probe(group.readiness_probe, launch.readiness_probe, worker_host, port,
                                        backend.default_startup_timeout),
                 depends_on=list(infra), restart=profile.restart_for(group.restart),
                 grace_period=group.grace_period if group.grace_period is not None else backend.default_grace_period,
@@ -300,19 +332,22 @@ def build_plan(
                 notes=launch.notes, files=launch.files,
             ))
             worker_names.append(name)
-    if gpus and gpus.problems:
-        raise PlanError("\n".join(dict.fromkeys(gpus.problems)))
+    problems = [p for a in assigners.values() for p in a.problems
+                if node is None or not profile.nodes or collapsed or a.where in ("", f"node {node} ")]
+    if problems:
+        raise PlanError("\n".join(dict.fromkeys(problems)))
 
     # Frontend.
     fe = profile.frontend
     fe_port = fe.port or ports.allocate()
-    fe_host = "127.0.0.1" if fe.host in ("0.0.0.0", "") else fe.host
+    fe_bind = host_for("frontend", fe.host, "host" in fe.model_fields_set)
+    fe_host = "127.0.0.1" if fe_bind in ("0.0.0.0", "") else fe_bind
     endpoint = f"http://{fe_host}:{fe_port}"
     processes.append(ProcessSpec(
         name="frontend", kind="frontend", group="frontend", node=_node_of(profile, "frontend"),
         argv=[
             sys.executable, "-m", "dynamo.core.frontend",
-            "--host", fe.host, "--port", str(fe_port),
+            "--host", fe_bind, "--port", str(fe_port),
             "--nats-url", nats_url, "--namespace", namespace,
             "--model", profile.model.name, "--router-mode", router.mode,
             "--block-size", str(profile.model.block_size), "--migration-limit", str(fe.migration_limit),
@@ -323,20 +358,20 @@ def build_plan(
             *_flags(fe.args),
         ],
         env={**profile.env, **fe.env, **({"DYNAMO_API_KEY": fe.api_key} if fe.api_key else {})},
-        host=fe.host, ports={"http": fe_port}, url=endpoint,
+        host=fe_bind, ports={"http": fe_port}, url=endpoint,
         readiness_probe=_probe(fe.readiness_probe, ReadinessProbe(http_get={"path": "/health"}, period=0.1),
-                               fe.host, fe_port, _FRONTEND_STARTUP),
+                               fe_bind, fe_port, _FRONTEND_STARTUP),
         depends_on=infra + worker_names, restart=profile.restart_for(fe.restart), grace_period=fe.grace_period,
     ))
 
-    if node is not None and profile.nodes:
+    if node is not None:
         processes = [p for p in processes if p.node == node]
     return Plan(
         profile=profile.name, profile_path=str(loaded.path) if loaded.path else None,
         backend=profile.backend, model=profile.model.name, namespace=namespace, nats_url=nats_url,
         endpoint=endpoint if any(p.kind == "frontend" for p in processes) else None,
         node=node, gpu_inventory=inventory.detail or inventory.source, processes=processes,
-        custom_commands=[name for name, g in profile.workers.items() if g.command],
+        custom_commands=[name for name, g in profile.workers.items() if g.command], notes=notes,
     )
 
 

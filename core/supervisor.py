@@ -151,8 +151,20 @@ class Supervisor:
     async def _open_discovery(self) -> None:
         if self.discovery is not None or not self.plan.nats_url:
             return
+        local = any(c.spec.kind == "nats" for c in self.components)
+        if not local:
+            self.printer.system(f"connecting to NATS at {self.plan.nats_url.split('@')[-1]} (started elsewhere)")
         try:
-            self.discovery = await DiscoveryPublisher.open(self.plan.nats_url, DEFAULT_TTL)
+            # NATS on another node may start after us: wait for it (interrupted by a stop request)
+            opening = asyncio.create_task(DiscoveryPublisher.open(self.plan.nats_url, DEFAULT_TTL,
+                                                                  timeout=5.0 if local else 300.0))
+            stopper = asyncio.create_task(self._stop.wait())
+            await asyncio.wait({opening, stopper}, return_when=asyncio.FIRST_COMPLETED)
+            stopper.cancel()
+            if not opening.done():
+                opening.cancel()
+                return
+            self.discovery = opening.result()
         except ConnectionError as exc:
             self._fail(str(exc))
 
