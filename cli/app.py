@@ -67,6 +67,8 @@ def serve(
     assume_gpus: Optional[int] = typer.Option(None, "--assume-gpus", metavar="N", min=0,
                                               help="Plan as if this machine had N GPUs (ids 0..N-1) instead of asking NVML."),
     node: Optional[str] = typer.Option(None, "--node", help="Start only this node's components (multinode profiles)."),
+    replica: Optional[int] = typer.Option(None, "--replica", min=0, help="With --node: start only this replica of the "
+                                          "node's worker groups (one Kubernetes pod each; see dynamo render k8s)."),
     detach: bool = typer.Option(False, "--detach", "-d", help="Return once everything is ready; print the endpoint."),
     run_dir: Optional[Path] = typer.Option(None, "--run-dir", help="Directory for this run's state and logs "
                                            "(default $DYNAMO_HOME/runs/<run-id>, DYNAMO_HOME defaults to ./.dynamo)."),
@@ -81,7 +83,7 @@ def serve(
     from dynamo.cli import serving
 
     code = serving.serve(profile, overrides or [], backend, dry_run, as_json, assume_gpus, node, detach,
-                         run_dir, no_color)
+                         run_dir, no_color, replica)
     raise typer.Exit(code)
 
 
@@ -144,6 +146,10 @@ def stop(
 from dynamo.cli import check as _check  # noqa: E402  (its heavy imports happen inside the command)
 
 app.command("check")(_check.check)
+
+from dynamo.cli.render import render_app  # noqa: E402
+
+app.add_typer(render_app, name="render")
 
 
 # ---------------------------------------------------------------------------- profile

@@ -20,11 +20,12 @@ from dynamo.core.rundir import RunDir, dynamo_home, new_run_id
 
 
 def serve(profile: str, overrides: list[str], backend: str | None, dry_run: bool, as_json: bool,
-          assume_gpus: int | None, node: str | None, detach: bool, run_dir: Path | None, no_color: bool) -> int:
+          assume_gpus: int | None, node: str | None, detach: bool, run_dir: Path | None, no_color: bool,
+          replica: int | None = None) -> int:
     if as_json and not dry_run:
         raise UsageError("--json goes with --dry-run (dynamo ps --json shows a running plan)")
     loaded = load_profile(profile, overrides, backend=backend)
-    plan = build_plan(loaded, detect_inventory(assume_gpus), node=node)
+    plan = build_plan(loaded, detect_inventory(assume_gpus), node=node, replica=replica)
     if dry_run:
         if as_json:
             typer.echo(plan.model_dump_json(indent=2))

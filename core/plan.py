@@ -202,8 +202,15 @@ def build_plan(
     loaded: LoadedProfile,
     inventory: GpuInventory,
     node: str | None = None,
+    replica: int | None = None,
 ) -> Plan:
-    """Turn a profile into processes. Raises PlanError naming every problem found."""
+    """Turn a profile into processes. Raises PlanError naming every problem found.
+
+    ``replica`` (with ``node``) plans one replica of the node's worker groups, as if it were
+    alone on its machine: what a Kubernetes pod of a StatefulSet runs.
+    """
+    if replica is not None:
+        return _one_replica(loaded, inventory, node, replica)
     profile = loaded.profile
     backend = get_backend(profile.backend)
     if node is not None and profile.nodes and node not in profile.nodes:
@@ -373,6 +380,27 @@ def build_plan(
         node=node, gpu_inventory=inventory.detail or inventory.source, processes=processes,
         custom_commands=[name for name, g in profile.workers.items() if g.command], notes=notes,
     )
+
+
+def _one_replica(loaded: LoadedProfile, inventory: GpuInventory, node: str | None, replica: int) -> Plan:
+    profile = loaded.profile
+    if node is None:
+        raise PlanError("--replica goes with --node: the node whose worker replica to start")
+    groups = [g for g in profile.workers if _node_of(profile, g) == node]
+    if not groups:
+        raise PlanError(f"--replica {replica}: node {node} runs no worker group")
+    for name in groups:
+        if replica >= profile.workers[name].replicas:
+            raise PlanError(f"--replica {replica}: workers.{name} has {profile.workers[name].replicas} replicas")
+    workers = {name: (g.model_copy(update={"replicas": 1, "port": None}) if name in groups else g)
+               for name, g in profile.workers.items()}
+    single = LoadedProfile(profile.model_copy(update={"workers": workers}), loaded.path, loaded.sources)
+    plan = build_plan(single, inventory, node=node)
+    for proc in plan.processes:
+        if proc.kind == "worker" and proc.group in groups:
+            proc.name = f"{proc.group}-{replica}"
+            proc.replica = replica
+    return plan
 
 
 def _flags(args: dict[str, Any]) -> list[str]:

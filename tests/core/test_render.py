@@ -1,0 +1,100 @@
+"""dynamo render: Kubernetes manifests valid against the Kubernetes API schema, and a Slurm script."""
+
+from __future__ import annotations
+
+import subprocess
+
+import kubernetes_validate
+import pytest
+
+from dynamo.core.gpus import assumed_inventory
+from dynamo.core.plan import build_plan
+from dynamo.core.profile import SHIPPED_PROFILES_DIR, load_profile, parse_profile
+from dynamo.core.render import render_kubernetes, render_slurm
+from tests.conftest import dynamo
+
+K8S_VERSION = "1.30.0"
+PROFILES = sorted(p.stem for p in SHIPPED_PROFILES_DIR.glob("*.yaml"))
+
+
+def by_kind(manifests: list[dict], kind: str) -> list[dict]:
+    return [m for m in manifests if m["kind"] == kind]
+
+
+@pytest.mark.parametrize("name", PROFILES)
+def test_every_shipped_profile_renders_to_valid_manifests(name):
+    manifests = render_kubernetes(load_profile(name), "registry.example.com/dynamo:1")
+    for manifest in manifests:
+        kubernetes_validate.validate(manifest, K8S_VERSION, strict=True)
+    kinds = {m["kind"] for m in manifests}
+    assert {"ConfigMap", "Deployment", "StatefulSet", "Service"} <= kinds
+
+
+def test_workers_request_gpus_and_probe_like_the_supervisor():
+    loaded = load_profile("disagg")
+    manifests = render_kubernetes(loaded, "img")
+    sets = {m["metadata"]["name"]: m for m in by_kind(manifests, "StatefulSet")}
+    profile = loaded.profile
+    for group_name, group in profile.workers.items():
+        sts = sets[f"dynamo-disagg-{group_name}"]
+        assert sts["spec"]["replicas"] == group.replicas
+        container = sts["spec"]["template"]["spec"]["containers"][0]
+        assert container["resources"]["limits"]["nvidia.com/gpu"] == group.gpus
+        assert container["readinessProbe"]["httpGet"]["path"] == "/health"
+        assert container["startupProbe"]["failureThreshold"] >= 60  # engines take minutes to load
+        assert "--replica" in container["command"][-1] and f"--node {group_name}" in container["command"][-1]
+        env = {e["name"] for e in container["env"]}
+        assert "POD_IP" in env
+
+
+def test_the_pod_profile_plans_one_worker_on_the_pod_ip():
+    manifests = render_kubernetes(load_profile("agg"), "img")
+    text = by_kind(manifests, "ConfigMap")[0]["data"]["profile.yaml"]
+    pod = parse_profile(str(text), "pod.yaml", env={"POD_IP": "10.1.2.3"})
+    plan = build_plan(pod, assumed_inventory(1), node="decode", replica=1)
+    assert [p.name for p in plan.processes] == ["decode-1"]
+    worker = plan.processes[0]
+    assert worker.host == "10.1.2.3" and worker.url.startswith("http://10.1.2.3:")
+    assert worker.env["CUDA_VISIBLE_DEVICES"] == "0"
+    frontend = build_plan(pod, assumed_inventory(0), node="frontend").processes
+    assert [p.kind for p in frontend] == ["frontend"]
+    assert "nats://dynamo-agg-nats:4222" in frontend[0].argv
+
+
+def test_nats_token_goes_in_a_secret_and_nodes_become_node_selectors():
+    text = ("name: mn\nmodel: {name: m}\nnats: {token: s3cret}\nworkers:\n  w: {gpus: 2}\n"
+            "nodes:\n  head: {address: 10.0.0.1, run: [nats, frontend]}\n  gpu: {address: 10.0.0.2, run: [w]}\n")
+    manifests = render_kubernetes(parse_profile(text, "mn.yaml", env={}), "img")
+    for manifest in manifests:
+        kubernetes_validate.validate(manifest, K8S_VERSION, strict=True)
+    secret = by_kind(manifests, "Secret")[0]
+    assert secret["stringData"]["token"] == "s3cret"
+    config = by_kind(manifests, "ConfigMap")[0]["data"]["profile.yaml"]
+    assert "s3cret" not in config and "${DYNAMO_NATS_TOKEN}@" in config
+    sts = by_kind(manifests, "StatefulSet")[0]
+    assert sts["spec"]["template"]["spec"]["nodeSelector"] == {"dynamo.dev/node": "gpu"}
+
+
+def test_slurm_script_starts_each_node_with_every_address(tmp_path):
+    loaded = load_profile("multinode", overrides=["nats.token=tok"])
+    script = render_slurm(loaded, "profiles/multinode.yaml", ["nats.token=tok"], "gpu", "02:00:00", None)
+    path = tmp_path / "job.sbatch"
+    path.write_text(script)
+    assert subprocess.run(["bash", "-n", str(path)]).returncode == 0
+    assert "#SBATCH --nodes=2" in script and "#SBATCH --partition=gpu" in script
+    assert "#SBATCH --gpus-per-node=4" in script
+    for node in loaded.profile.nodes:
+        assert f"--node {node}" in script
+        assert f'--set "nodes.{node}.address=' in script
+    assert script.count("dynamo serve \"$PROFILE\"") == 2
+
+
+def test_slurm_refuses_an_open_nats_on_the_cluster_network():
+    result = dynamo("render", "slurm", "multinode", env={"DYNAMO_NATS_TOKEN": ""})
+    assert result.returncode == 2 and "nats.token" in result.stderr
+
+
+def test_render_cli_writes_yaml():
+    result = dynamo("render", "k8s", "agg", "--image", "img:1")
+    assert result.returncode == 0, result.stderr
+    assert "kind: StatefulSet" in result.stdout and "nvidia.com/gpu: 1" in result.stdout
