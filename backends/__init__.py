@@ -9,6 +9,8 @@ from dynamo.core.errors import PlanError
 _MODULES = {
     "mocker": "dynamo.backends.mocker.launch",
     "vllm": "dynamo.backends.vllm",
+    "sglang": "dynamo.backends.sglang",
+    "trtllm": "dynamo.backends.trtllm",
 }
 
 

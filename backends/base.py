@@ -88,6 +88,11 @@ class Backend:
         return args_to_flags(kept)
 
 
+def one_token_warmup(ctx: WorkerContext) -> dict:
+    """A one-token completion with standard fields only (TensorRT-LLM rejects unknown ones)."""
+    return {"path": "/v1/completions", "json": {"model": ctx.profile.model.name, "prompt": "ping", "max_tokens": 1}}
+
+
 def args_to_flags(args: dict[str, Any]) -> list[str]:
     """``{max-num-seqs: 8, enforce-eager: true, x: {a: 1}}`` → ``--max-num-seqs 8 --enforce-eager --x '{"a": 1}'``.
 

@@ -14,7 +14,7 @@ import typer
 
 from dynamo.core.errors import UsageError
 from dynamo.core.gpus import detect_inventory
-from dynamo.core.plan import Plan, build_plan, check_executables, check_ports
+from dynamo.core.plan import Plan, build_plan, check_engine_argvs, check_executables, check_ports
 from dynamo.core.profile import load_profile
 from dynamo.core.rundir import RunDir, dynamo_home, new_run_id
 
@@ -33,6 +33,7 @@ def serve(profile: str, overrides: list[str], backend: str | None, dry_run: bool
             typer.echo(render_plan(plan))
         return 0
     check_executables(plan)
+    check_engine_argvs(plan)
     check_ports(plan)
     run = RunDir(run_dir) if run_dir else RunDir.create(dynamo_home(), new_run_id(plan.profile))
     run.logs.mkdir(parents=True, exist_ok=True)

@@ -41,6 +41,8 @@ class ProbeSpec(BaseModel):
     host: str | None = None
     port: int | None = None
     pattern: str | None = None
+    warmup_url: str | None = None
+    warmup_body: dict[str, Any] | None = None
     initial_delay: float
     period: float
     timeout: float
@@ -49,6 +51,8 @@ class ProbeSpec(BaseModel):
 
     def describe(self) -> str:
         target = {"http": f"GET {self.url}", "tcp": f"tcp {self.host}:{self.port}", "log": f"log /{self.pattern}/"}[self.kind]
+        if self.warmup_url:
+            target += f", then POST {self.warmup_url}"
         return f"{target} every {self.period:g}s (timeout {self.timeout:g}s, give up after {self.startup_timeout:g}s)"
 
 
@@ -124,6 +128,9 @@ def _probe(probe: ReadinessProbe, default: ReadinessProbe, host: str, port: int 
         startup_timeout=merged.startup_timeout if merged.startup_timeout is not None else startup,
     )
     probe_host = "127.0.0.1" if host in ("0.0.0.0", "", "*") else host
+    if merged.warmup is not None:
+        timings["warmup_url"] = f"http://{probe_host}:{merged.warmup.port or port}{merged.warmup.path}"
+        timings["warmup_body"] = merged.warmup.json_body
     if merged.log_line:
         return ProbeSpec(kind="log", pattern=merged.log_line, **timings)
     if merged.tcp_socket:
@@ -412,6 +419,18 @@ def _flags(args: dict[str, Any]) -> list[str]:
 def check_ports(plan: Plan) -> None:
     """Raise UsageError naming every planned port that is already taken (and by whom)."""
     problems = busy_ports(plan.port_claims())
+    if problems:
+        raise UsageError("\n".join(problems))
+
+
+def check_engine_argvs(plan: Plan) -> None:
+    """Let an installed engine's own argument parser judge the planned argvs (nothing starts)."""
+    backend = get_backend(plan.backend)
+    validate = getattr(backend, "validate_argvs", None)
+    workers = [p for p in plan.processes if p.kind == "worker" and p.group not in plan.custom_commands]
+    if validate is None or not workers:
+        return
+    problems = [f"{p.name}: {message}" for p, message in zip(workers, validate([p.argv for p in workers])) if message]
     if problems:
         raise UsageError("\n".join(problems))
 

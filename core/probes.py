@@ -22,6 +22,26 @@ class Prober:
             return await self._tcp(probe)
         return await self._http(probe)
 
+    async def warmup(self, probe: ProbeSpec) -> bool:
+        """The one-off request a process must answer before it is ready (no-op without one)."""
+        if not probe.warmup_url:
+            return True
+        session = self._http_session()
+        try:
+            async with session.post(probe.warmup_url, json=probe.warmup_body,
+                                    timeout=aiohttp.ClientTimeout(total=max(probe.timeout, 30.0))) as resp:
+                await resp.read()
+                return 200 <= resp.status < 300
+        except (aiohttp.ClientError, asyncio.TimeoutError, OSError):
+            return False
+
+    def _http_session(self) -> aiohttp.ClientSession:
+        if self._session is None:
+            self._session = aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(force_close=True), trust_env=False
+            )
+        return self._session
+
     async def _tcp(self, probe: ProbeSpec) -> bool:
         try:
             _, writer = await asyncio.wait_for(asyncio.open_connection(probe.host, probe.port), probe.timeout)
@@ -35,12 +55,8 @@ class Prober:
         return True
 
     async def _http(self, probe: ProbeSpec) -> bool:
-        if self._session is None:
-            self._session = aiohttp.ClientSession(
-                connector=aiohttp.TCPConnector(force_close=True), trust_env=False
-            )
         try:
-            async with self._session.get(probe.url, timeout=aiohttp.ClientTimeout(total=probe.timeout)) as resp:
+            async with self._http_session().get(probe.url, timeout=aiohttp.ClientTimeout(total=probe.timeout)) as resp:
                 await resp.read()
                 return 200 <= resp.status < 300
         except (aiohttp.ClientError, asyncio.TimeoutError, OSError):

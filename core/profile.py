@@ -51,6 +51,16 @@ class HttpGet(Strict):
     port: int | None = Field(None, description="Defaults to the process's own HTTP port.")
 
 
+class HttpPost(Strict):
+    """A request that must succeed once before the process counts as ready (e.g. a one-token completion)."""
+
+    path: str
+    json_body: dict[str, Any] = Field(default_factory=dict, alias="json")
+    port: int | None = None
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+
 class ReadinessProbe(Strict):
     """How the supervisor decides a process is ready, and later that it is still healthy.
 
@@ -60,6 +70,8 @@ class ReadinessProbe(Strict):
     http_get: HttpGet | None = None
     tcp_socket: bool | None = Field(None, description="Ready once the process's port accepts a TCP connection.")
     log_line: str | None = Field(None, description="Ready once a line of output matches this regular expression.")
+    warmup: HttpPost | None = Field(None, description="After the probe first passes, this POST must return 2xx once "
+                                    "(engines answer /health before they can generate).")
     initial_delay: Duration = 0.0
     period: Duration = 0.5
     timeout: Duration = 2.0

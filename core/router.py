@@ -149,6 +149,55 @@ class EventFeed:
         self.task.cancel()
 
 
+def apply_trtllm_events(index: KvIndex, worker: str, events: list) -> None:
+    """Apply TensorRT-LLM's JSON KV events (``POST /kv_cache_events``): stored, removed."""
+    for envelope in events:
+        data = envelope.get("data") if isinstance(envelope, dict) else None
+        if not isinstance(data, dict):
+            continue
+        kind = data.get("type")
+        if kind == "stored":
+            blocks = data.get("blocks") or []
+            hashes = [b.get("block_hash") for b in blocks]
+            tokens = [t.get("token_id") for b in blocks for t in (b.get("tokens") or [])]
+            size = len(blocks[0].get("tokens") or []) if blocks else None
+            if hashes and size:
+                index.stored(worker, hashes, data.get("parent_hash"), tokens, size)
+        elif kind == "removed":
+            index.removed(worker, data.get("block_hashes") or [])
+
+
+class HttpEventFeed:
+    """TensorRT-LLM publishes no ZMQ events: drain its ``/kv_cache_events`` endpoint periodically."""
+
+    def __init__(self, router: Router, worker: Instance, period: float = 0.5):
+        self.router = router
+        self.key = worker.key
+        self.url = worker.data["kv_events"]
+        self.period = period
+        self.task = asyncio.create_task(self._run())
+
+    async def _run(self) -> None:
+        import aiohttp
+
+        async with aiohttp.ClientSession(trust_env=False) as session:
+            while True:
+                try:
+                    async with session.post(self.url, timeout=aiohttp.ClientTimeout(total=5)) as resp:
+                        events = await resp.json(content_type=None) if resp.status == 200 else []
+                    if isinstance(events, list) and events:
+                        apply_trtllm_events(self.router.index, self.key, events)
+                        self.router.batches += 1
+                except asyncio.CancelledError:
+                    raise
+                except Exception:
+                    self.router.bad_batches += 1
+                await asyncio.sleep(self.period)
+
+    def close(self) -> None:
+        self.task.cancel()
+
+
 class Router:
     def __init__(self, namespace: str, block_size: int, overlap_weight: float = 1.0, temperature: float = 0.0,
                  use_events: bool = True, approx_ttl: float = 120.0, rng: random.Random | None = None):
@@ -185,7 +234,10 @@ class Router:
                 self.workers[key] = inst
                 self.loads.setdefault(key, WorkerLoad())
                 if self.use_events and inst.data.get("kv_events"):
-                    self.feeds[key] = EventFeed(self.ctx, self, inst)
+                    if inst.data.get("kv_format") == "trtllm-http":
+                        self.feeds[key] = HttpEventFeed(self, inst)
+                    else:
+                        self.feeds[key] = EventFeed(self.ctx, self, inst)
 
     # ------------------------------------------------------------ decisions
 

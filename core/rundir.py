@@ -76,8 +76,8 @@ class RotatingLog:
 
 class RunDir:
     def __init__(self, path: Path):
-        self.path = path
-        self.id = path.name
+        self.path = Path(path).absolute()  # absolute: it goes into argv, env and ipc:// endpoints
+        self.id = self.path.name
         self.logs = path / "logs"
         self.state_path = path / "state.json"
         self.events_path = path / "events.log"

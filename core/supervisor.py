@@ -306,7 +306,7 @@ class Supervisor:
                 return "exited"
             if self.stop_requested:
                 return "stopped"
-            if await self.prober.check(probe, comp.log_matched):
+            if await self.prober.check(probe, comp.log_matched) and await self.prober.warmup(probe):
                 if comp.exited.is_set():
                     return "exited"
                 return "ready"
@@ -353,8 +353,10 @@ class Supervisor:
     async def _register(self, comp: Component) -> None:
         if self.discovery is None or comp.spec.discovery is None:
             return
+        published = {k: v.replace(RUN_DIR, str(self.run.path)) if isinstance(v, str) else v
+                     for k, v in comp.spec.discovery.items()}
         entry = {"name": comp.name, "namespace": self.plan.namespace, "node": comp.spec.node,
-                 "pid": comp.pid, "run": self.run.id, **comp.spec.discovery}
+                 "pid": comp.pid, "run": self.run.id, **published}
         try:
             await self.discovery.register(instance_key(self.plan.namespace, comp.name), entry)
         except Exception as exc:

@@ -19,7 +19,7 @@ def __getattr__(name: str):
 
         return chain_block_hashes
     if name == "load_tokenizer":
-        from .tokenizer import load_tokenizer
+        from dynamo.core.tokenizer import load_tokenizer
 
         return load_tokenizer
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -109,3 +109,18 @@ def test_router_prefers_overlap_then_spreads_load():
     assert router.route("r3", other, "agg")["worker"] != first  # first is busier, nothing cached anywhere
     with pytest.raises(KeyError):
         router.route("r4", shared, "prefill")["worker"]
+
+
+def test_trtllm_json_events_apply():
+    from dynamo.core.router import apply_trtllm_events
+
+    index = KvIndex(BS)
+    ids = list(range(8))
+    stored = {"event_id": 1, "data": {"type": "stored", "parent_hash": None, "blocks": [
+        {"type": "stored_block", "block_hash": h, "tokens": [{"type": "unique_token", "token_id": t, "token_extra_id": 0}
+                                                              for t in ids[i * BS:(i + 1) * BS]], "cache_level": 0,
+         "priority": 35} for i, h in enumerate((501, 502))]}, "window_size": 32}
+    apply_trtllm_events(index, "w", [stored, {"event_id": 0, "data": {"type": "created"}}])
+    assert index.overlap(chain_block_hashes(ids, BS)) == {"w": 2}
+    apply_trtllm_events(index, "w", [{"event_id": 2, "data": {"type": "removed", "block_hashes": [502]}}])
+    assert index.overlap(chain_block_hashes(ids, BS)) == {"w": 1}
