@@ -147,7 +147,10 @@ from dynamo.cli import check as _check  # noqa: E402  (its heavy imports happen 
 
 app.command("check")(_check.check)
 
+from dynamo.cli import bench as _bench  # noqa: E402
 from dynamo.cli.render import render_app  # noqa: E402
+
+app.add_typer(_bench.app, name="bench")
 
 app.add_typer(render_app, name="render")
 

@@ -206,6 +206,9 @@ class EndpointClient:
             rec.error, rec.error_detail = "client_error", f"{type(exc).__name__}: {exc}"
         except OSError as exc:
             rec.error, rec.error_detail = "os_error", str(exc)
+        except Exception as exc:  # noqa: BLE001 - one odd response must not end a long benchmark
+            rec.error = "unexpected_" + type(exc).__name__
+            rec.error_detail = f"{type(exc).__name__}: {exc}"
         if rec.error is None:
             rec.ok = True
         elif rec.e2el is None:
@@ -355,6 +358,13 @@ class EndpointClient:
             if time.monotonic() > deadline:
                 raise ServerNotReady(f"{self.url} did not answer a one-token request within {timeout:g}s ({last})")
             await asyncio.sleep(0.2)
+
+
+    async def prompt_tokens(self, text: str) -> int | None:
+        """The server's prompt token count for ``text`` (one-token request), None if it does not say."""
+        rec = RequestRecord(index=-1)
+        await self.send(rec, text, 1, time.perf_counter())
+        return rec.input_tokens_server if rec.ok else None
 
 
 class ServerNotReady(Exception):

@@ -38,6 +38,7 @@ DIST_METRICS: list[tuple[str, str]] = [
     ("input_tokens", "Input tokens"),
     ("output_tokens", "Output tokens"),
     ("schedule_lag_ms", "Schedule lag (ms)"),
+    ("client_loop_lag_ms", "Client loop lag (ms)"),
 ]
 STATS = ["mean", *[f"p{p}" for p in PERCENTILES], "min", "max"]
 
@@ -165,6 +166,8 @@ def _headline(s: dict) -> Table:
         rows.append(("Short outputs", f"{tok['short_outputs']} requests got fewer tokens than asked"))
     if s["errors"]:
         rows.append(("Errors", ", ".join(f"{k} {v}" for k, v in s["errors"].items())))
+    for w in s.get("warnings") or []:
+        rows.append(("[yellow]Warning[/]", w))
     for k, v in rows:
         t.add_row(k, v)
     return t

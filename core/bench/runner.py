@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
 from dynamo.core.bench.client import EndpointClient, RequestRecord, ServerInfo, make_session
-from dynamo.core.bench.metrics import summarize
+from dynamo.core.bench.metrics import distribution, summarize
 from dynamo.core.bench.workloads import BenchTokenizer, MultiTurnWorkload, Session
 
 __all__ = ["LoadPoint", "BenchSettings", "LiveStats", "PointResult", "BenchResult", "arrival_intervals",
@@ -103,10 +103,11 @@ class BenchResult:
 
 
 def arrival_intervals(rate: float, burstiness: float, rng: random.Random) -> Iterator[float]:
-    """Gaps between arrivals: gamma(shape=burstiness, mean=1/rate); burstiness 1 is Poisson."""
-    if math.isinf(rate):
+    """Gaps between arrivals: gamma(shape=burstiness, mean=1/rate); burstiness 1 is Poisson, inf is constant."""
+    if math.isinf(rate) or math.isinf(burstiness):
+        gap = 0.0 if math.isinf(rate) else 1.0 / rate
         while True:
-            yield 0.0
+            yield gap
     theta = 1.0 / (rate * burstiness)
     while True:
         yield rng.gammavariate(burstiness, theta)
@@ -122,6 +123,7 @@ class _PointRun:
         self.tokenizer, self.stats, self.multi_turn = tokenizer, stats, multi_turn
         self.num_requests, self.duration = num_requests, duration
         self.records: list[RequestRecord] = []
+        self.loop_lag: list[float] = []
         self.cancelled = 0
         self.issued = 0
         self.t0 = 0.0
@@ -191,10 +193,21 @@ class _PointRun:
 
     async def run(self, sessions: Iterator[Session]) -> None:
         self.t0 = time.perf_counter()
-        if self.point.concurrency is not None:
-            await self._closed_loop(sessions, self.point.concurrency)
-        else:
-            await self._open_loop(sessions)
+        monitor = asyncio.create_task(self._watch_loop())
+        try:
+            if self.point.concurrency is not None:
+                await self._closed_loop(sessions, self.point.concurrency)
+            else:
+                await self._open_loop(sessions)
+        finally:
+            monitor.cancel()
+
+    async def _watch_loop(self, period: float = 0.005) -> None:
+        """Sample how late the event loop wakes up: when it is busy, every timestamp is late too."""
+        while True:
+            t = time.perf_counter()
+            await asyncio.sleep(period)
+            self.loop_lag.append(max(0.0, time.perf_counter() - t - period))
 
     async def _closed_loop(self, sessions: Iterator[Session], concurrency: int) -> None:
         async def user() -> None:
@@ -204,7 +217,7 @@ class _PointRun:
                 await self._session(sess, None)
 
         tasks = [asyncio.create_task(user()) for _ in range(concurrency)]
-        await self._drain(tasks, lambda: all(t.done() for t in tasks))
+        await self._drain(tasks)
 
     async def _open_loop(self, sessions: Iterator[Session]) -> None:
         point = self.point
@@ -230,9 +243,9 @@ class _PointRun:
             task = asyncio.create_task(self._session(sess, t_sched))
             tasks.add(task)
             task.add_done_callback(tasks.discard)
-        await self._drain(list(tasks), lambda: not tasks)
+        await self._drain(list(tasks))
 
-    async def _drain(self, tasks: list[asyncio.Task], _done: Callable[[], bool]) -> None:
+    async def _drain(self, tasks: list[asyncio.Task]) -> None:
         """Wait for in-flight requests; in duration mode at most the grace period, then cancel."""
         if not tasks:
             return
@@ -297,6 +310,10 @@ async def run_benchmark(
                                 extra_body, api_key)
         stats.reset("", "waiting for the server", None, None)
         info = await client.server_info(model, ready_timeout)
+        maker = getattr(workload, "maker", None)
+        if tokenizer is None and maker is not None:
+            stats.phase = "calibrating prompt lengths"
+            await _calibrate(client, maker)
         multi_turn = isinstance(workload, MultiTurnWorkload)
         sessions = workload.sessions()
         results: list[PointResult] = []
@@ -312,22 +329,60 @@ async def run_benchmark(
                 num = _default_requests(point)
             stats.reset(point.label, "measuring", num, settings.duration)
             run = _PointRun(client, point, settings, tokenizer, stats, multi_turn, num, settings.duration)
-            if num is not None and not point.trace:
+            ahead = _prebuild_count(point, num, settings.duration)
+            if ahead:
                 # Build the prompts before the clock starts so generation never delays sending.
-                rest = iter(list(itertools.islice(sessions, num)))
-                await run.run(rest)
+                rest = iter(list(itertools.islice(sessions, ahead)))
+                await run.run(itertools.chain(rest, sessions))
                 sessions = itertools.chain(rest, sessions)  # later points never reuse a prompt
             else:
                 await run.run(sessions)
             stats.phase = "summarizing"
             _finalize(run.records, tokenizer)
-            result = PointResult(point, run.records, summarize(run.records, goodput, run.cancelled))
+            summary = summarize(run.records, goodput, run.cancelled)
+            summary["client_loop_lag_ms"] = distribution([x * 1000 for x in run.loop_lag])
+            summary["warnings"] = generator_warnings(summary, point)
+            result = PointResult(point, run.records, summary)
             results.append(result)
             if on_point:
                 on_point(result)
         return BenchResult({}, info, results)
     finally:
         await session.close()
+
+
+async def _calibrate(client: EndpointClient, maker: Any) -> None:
+    """Without a tokenizer, learn tokens per prompt word from the server's usage counts."""
+    short, long = maker.calibration_texts()
+    a = await client.prompt_tokens(short)
+    b = await client.prompt_tokens(long)
+    if a is not None and b is not None and b > a:
+        maker.tokens_per_word = (b - a) / 200.0
+
+
+def generator_warnings(summary: dict, point: LoadPoint) -> list[str]:
+    """Say when the generator itself limited the run (its timestamps then include client delay)."""
+    out = []
+    loop = summary.get("client_loop_lag_ms") or {}
+    if loop.get("p99", 0.0) > 10.0:
+        out.append(f"the client's event loop woke up to {loop['p99']:.0f} ms late (p99; p50 {loop['p50']:.1f} ms): "
+                   "the generator is near its limit and latencies include up to that much client delay")
+    lag = summary.get("schedule_lag_ms") or {}
+    if point.max_concurrency is None and lag.get("p50", 0.0) > 5.0:
+        out.append(f"requests were sent {lag['p50']:.0f} ms late (p50 schedule lag): the achieved arrival rate "
+                   "is below the asked one")
+    return out
+
+
+def _prebuild_count(point: LoadPoint, num: int | None, duration: float | None) -> int:
+    """How many sessions to build before a point starts (the rest are built on demand)."""
+    if point.trace:
+        return 0
+    if num is not None:
+        return num
+    if duration is not None and point.request_rate is not None and not math.isinf(point.request_rate):
+        return min(50_000, int(point.request_rate * duration * 1.2) + 10)
+    return 0
 
 
 def _default_requests(point: LoadPoint) -> int:

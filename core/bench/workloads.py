@@ -152,13 +152,28 @@ class TextMaker:
                 f"tokenizer {tokenizer.source} has too few single-token words ({len(words)}) to build prompts"
             )
         self.words = words or [" " + w for w in dict.fromkeys(_FALLBACK_WORDS)]
+        # Tokens per word; without a tokenizer it is measured on the server (see calibrate).
+        self.tokens_per_word = 1.0
 
     @property
     def exact(self) -> bool:
         return self.tokenizer is not None
 
+    def word_count(self, tokens: int) -> int:
+        """How many words make about ``tokens`` tokens."""
+        if tokens <= 0:
+            return 0
+        return max(1, int(round(tokens / self.tokens_per_word)))
+
     def words_text(self, n: int, rng: random.Random) -> str:
-        return "".join(rng.choices(self.words, k=n)) if n > 0 else ""
+        """About ``n`` tokens of words (exactly ``n`` words when each word is one token)."""
+        return "".join(rng.choices(self.words, k=self.word_count(n))) if n > 0 else ""
+
+    def calibration_texts(self, words: int = 200) -> tuple[str, str]:
+        """Two texts, ``words`` and ``2 * words`` words long, to measure tokens per word on the server."""
+        rng = random.Random(12345)
+        short = "".join(rng.choices(self.words, k=words))
+        return short, short + "".join(rng.choices(self.words, k=words))
 
     def text(self, n: int, rng: random.Random) -> tuple[str, int | None]:
         """Text of ``n`` tokens and its measured count (None without a tokenizer)."""
@@ -415,7 +430,7 @@ class TraceWorkload:
             take = min(self.block_size, remaining)
             block = self._block(hid)
             if take < self.block_size:
-                block = "".join(_split_words(block)[:take])
+                block = "".join(_split_words(block)[: self.maker.word_count(take)])
             parts.append(block)
             remaining -= take
         if remaining > 0:

@@ -1,0 +1,449 @@
+"""``dynamo bench``: load-benchmark any OpenAI-compatible endpoint; ``dynamo bench compare A B``."""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import re
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+from typer.core import TyperGroup
+
+from dynamo.core.errors import UsageError
+
+METRICS_HELP = """\
+Metric definitions (times in ms; latency metrics use successful requests only):
+
+TTFT: request sent -> first response chunk that carries a token (a role-only chunk is not a token).
+ITL (per token): for each token-carrying chunk after the first, the gap since the previous one
+  divided by the tokens it carried; one sample per token. Tokens per chunk come from the
+  server's running usage (stream_options.continuous_usage_stats) when it sends it, else the
+  --tokenizer, else one per chunk. Equal to vLLM's ITL when every chunk holds one token.
+ICL (per chunk): raw gaps between consecutive token-carrying chunks (vLLM's "ITL").
+TPOT: (last token time - first token time) / (output tokens - 1), per request
+  (aiperf calls this "ITL"; the first token is excluded, unlike guidellm's TPOT).
+E2EL: request sent -> last byte of the response.
+Output tok/s per user: (output tokens - 1) / (last token time - first token time) = 1000/TPOT.
+Duration: first request sent -> last response finished (warmup excluded).
+Request / output / total token throughput: successful requests, their output tokens, their
+  input + output tokens, each divided by the duration.
+Goodput: successful requests per second meeting every --goodput SLO (DistServe); the
+  itl SLO applies to a request's largest per-token ITL.
+Output tokens: the server's usage.completion_tokens when sent, else the client's count.
+  Client counts retokenize the returned text with --tokenizer; both and their
+  difference are reported. Client input counts cover the prompt text only; the server's
+  include the chat template.
+Schedule lag: actual send time - intended arrival time (rate and trace modes); a growing
+  lag means the generator (or a --max-concurrency cap) is not keeping up.
+Client loop lag: how late the benchmark's event loop wakes from a 5 ms sleep, sampled all
+  along; every timestamp can be late by this much. A warning is printed when its p99
+  exceeds 10 ms (the generator is near its limit).
+Percentiles: p50/p90/p95/p99 with linear interpolation, plus mean, min and max.
+Errors: http_<status>, connect_error, disconnected, timeout, incomplete_stream, stream_error,
+  bad_response, empty_output, cancelled, unexpected_<exception>; a failed request never
+  stops the run."""
+
+
+class _BenchGroup(TyperGroup):
+    """Accepts vLLM-style space-separated lists: ``--goodput ttft:200 tpot:50``, ``--concurrency 1 2 4``."""
+
+    LIST_OPTIONS = {
+        "--goodput": re.compile(r"^[A-Za-z0-9_]+:[0-9.]+$"),
+        "--concurrency": re.compile(r"^[0-9][0-9,]*$"),
+        "-c": re.compile(r"^[0-9][0-9,]*$"),
+        "--request-rate": re.compile(r"^([0-9.][0-9.,]*|inf)$", re.IGNORECASE),
+    }
+
+    def parse_args(self, ctx, args):
+        out: list[str] = []
+        i = 0
+        while i < len(args):
+            arg = args[i]
+            out.append(arg)
+            pattern = self.LIST_OPTIONS.get(arg)
+            if pattern is not None and i + 1 < len(args):
+                out.append(args[i + 1])
+                i += 2
+                while i < len(args) and pattern.match(args[i]):
+                    out.extend([arg, args[i]])
+                    i += 1
+                continue
+            i += 1
+        return super().parse_args(ctx, out)
+
+
+app = typer.Typer(
+    cls=_BenchGroup,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+
+def _fail(message: str, code: int = 2) -> None:
+    for line in message.splitlines() or [message]:
+        typer.secho(f"error: {line}", fg="red", err=True)
+    raise typer.Exit(code)
+
+
+def _split_list(values: Optional[List[str]], what: str, parse) -> list:
+    out = []
+    for v in values or []:
+        for item in v.replace(",", " ").split():
+            try:
+                out.append(parse(item))
+            except ValueError:
+                raise UsageError(f"{what} {item!r} is not valid") from None
+    return out
+
+
+def _concurrency(item: str) -> int:
+    n = int(item)
+    if n < 1:
+        raise ValueError
+    return n
+
+
+def _rate(item: str) -> float:
+    r = float(item)
+    if not r > 0 or math.isnan(r):
+        raise ValueError
+    return r
+
+
+def _duration(value: Optional[str]) -> Optional[float]:
+    if value is None:
+        return None
+    from dynamo.core.durations import parse_duration
+
+    try:
+        seconds = parse_duration(value)
+    except ValueError as exc:
+        raise UsageError(f"--duration: {exc}") from None
+    if seconds <= 0:
+        raise UsageError("--duration must be greater than 0")
+    return seconds
+
+
+P_TARGET, P_LOAD, P_WORK, P_OUT = "Target", "Load", "Workload", "Metrics and output"
+
+
+@app.callback(invoke_without_command=True, epilog=METRICS_HELP)
+def bench(
+    ctx: typer.Context,
+    url: Optional[str] = typer.Option(None, "--url", metavar="URL", help="Base URL of an OpenAI-compatible server "
+                                      "(http://host:port or .../v1).", rich_help_panel=P_TARGET),
+    profile: Optional[str] = typer.Option(None, "--profile", metavar="PROFILE", help="Serve this profile (dynamo serve --detach), "
+                                          "benchmark it, then stop it.", rich_help_panel=P_TARGET),
+    serve_args: Optional[List[str]] = typer.Option(None, "--serve-arg", metavar="ARG",
+                                                   help="Extra argument for dynamo serve with --profile "
+                                                   "(repeatable), e.g. --serve-arg=--backend=mocker.",
+                                                   rich_help_panel=P_TARGET),
+    model: Optional[str] = typer.Option(None, "--model", metavar="NAME", help="Model name to request (default: the first "
+                                        "entry of /v1/models).", rich_help_panel=P_TARGET),
+    endpoint: str = typer.Option("chat", "--endpoint", metavar="chat|completions", help="chat (/v1/chat/completions) or completions "
+                                 "(/v1/completions).", rich_help_panel=P_TARGET),
+    tokenizer: Optional[str] = typer.Option(None, "--tokenizer", metavar="PATH", help="Directory or file with the model's "
+                                            "tokenizer.json (or a hub id): sizes prompts exactly and "
+                                            "recounts outputs. Without it lengths are approximate and "
+                                            "counts come from the server's usage.", rich_help_panel=P_TARGET),
+    api_key: Optional[str] = typer.Option(None, "--api-key", envvar="OPENAI_API_KEY", show_envvar=True,
+                                          help="Bearer token.", rich_help_panel=P_TARGET),
+    ready_timeout: float = typer.Option(120.0, "--ready-timeout", help="Seconds to wait for /v1/models and "
+                                        "a one-token request to succeed before the load starts.",
+                                        rich_help_panel=P_TARGET),
+    concurrency: Optional[List[str]] = typer.Option(None, "--concurrency", "-c", metavar="N[,N...]", help="Closed loop: this many "
+                                                    "users, each sending its next request when the last one "
+                                                    "finishes. A list (1,2,4 or 1 2 4) is a sweep.",
+                                                    rich_help_panel=P_LOAD),
+    request_rate: Optional[List[str]] = typer.Option(None, "--request-rate", metavar="RATE[,RATE...]", help="Open loop: arrivals per "
+                                                     "second (inf = all at once). A list is a sweep.",
+                                                     rich_help_panel=P_LOAD),
+    burstiness: float = typer.Option(1.0, "--burstiness", help="Gamma shape of inter-arrival times: 1 = "
+                                     "Poisson, <1 burstier, >1 more regular, inf = constant gaps.", rich_help_panel=P_LOAD),
+    max_concurrency: Optional[int] = typer.Option(None, "--max-concurrency", min=1, help="Cap on requests in "
+                                                  "flight with --request-rate (queued arrivals show as "
+                                                  "schedule lag; there is no catch-up).",
+                                                  rich_help_panel=P_LOAD),
+    num_requests: Optional[int] = typer.Option(None, "--num-requests", "-n", min=1, help="Measured requests "
+                                               "per load point (default: max(100, 10 x concurrency or "
+                                               "rate); a whole trace).", rich_help_panel=P_LOAD),
+    duration: Optional[str] = typer.Option(None, "--duration", metavar="DURATION", help="Send for this long per load point "
+                                           "(30s, 2m); in-flight requests then get --grace-period.",
+                                           rich_help_panel=P_LOAD),
+    warmup: int = typer.Option(0, "--warmup", min=0, help="Requests sent before each load point and "
+                               "excluded from the results.", rich_help_panel=P_LOAD),
+    grace_period: float = typer.Option(30.0, "--grace-period", min=0, help="With --duration: seconds to let "
+                                       "in-flight requests finish before they are cancelled (and "
+                                       "excluded).", rich_help_panel=P_LOAD),
+    timeout: float = typer.Option(600.0, "--timeout", min=0.1, help="Per-request read timeout in seconds.",
+                                  rich_help_panel=P_LOAD),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Seed for prompts, lengths and arrivals (default: a "
+                                       "new one per run, recorded in the results: the same prompts twice would "
+                                       "hit the server's prefix cache).", rich_help_panel=P_LOAD),
+    workload: Optional[str] = typer.Option(None, "--workload", "-w", metavar="KIND", help="synthetic (default), shared-prefix, "
+                                           "multi-turn, sharegpt or trace (mooncake JSONL). Inferred from "
+                                           "--dataset when omitted.", rich_help_panel=P_WORK),
+    dataset: Optional[Path] = typer.Option(None, "--dataset", help="ShareGPT JSON file or mooncake trace "
+                                           "JSONL.", rich_help_panel=P_WORK),
+    input_len: int = typer.Option(512, "--input-len", min=1, help="Prompt tokens (synthetic; per question "
+                                  "for shared-prefix; per user turn for multi-turn).", rich_help_panel=P_WORK),
+    input_len_std: float = typer.Option(0.0, "--input-len-std", min=0, help="Standard deviation of "
+                                        "--input-len (normal, clipped at 1).", rich_help_panel=P_WORK),
+    output_len: Optional[int] = typer.Option(None, "--output-len", min=1, help="Output tokens asked for "
+                                             "(default 128; for sharegpt: the reference reply's length).",
+                                             rich_help_panel=P_WORK),
+    output_len_std: float = typer.Option(0.0, "--output-len-std", min=0, help="Standard deviation of "
+                                         "--output-len.", rich_help_panel=P_WORK),
+    prefix_groups: int = typer.Option(8, "--prefix-groups", min=1, help="shared-prefix: number of groups.",
+                                      rich_help_panel=P_WORK),
+    prompts_per_group: int = typer.Option(16, "--prompts-per-group", min=1, help="shared-prefix: prompts "
+                                          "per group.", rich_help_panel=P_WORK),
+    shared_prefix_len: int = typer.Option(1024, "--shared-prefix-len", min=0, help="shared-prefix: tokens "
+                                          "shared by a group.", rich_help_panel=P_WORK),
+    turns: int = typer.Option(4, "--turns", min=1, help="multi-turn: user turns per conversation (each "
+                              "carries the whole history; --request-rate then starts conversations).",
+                              rich_help_panel=P_WORK),
+    turn_delay: float = typer.Option(0.0, "--turn-delay", min=0, help="multi-turn: seconds between a reply "
+                                     "and the next turn.", rich_help_panel=P_WORK),
+    trace_block_size: int = typer.Option(512, "--trace-block-size", min=1, help="trace: tokens per hash id.",
+                                         rich_help_panel=P_WORK),
+    trace_speedup: float = typer.Option(1.0, "--trace-speedup", help="trace: replay this many times faster.",
+                                        rich_help_panel=P_WORK),
+    stream: bool = typer.Option(True, "--stream/--no-stream", help="Stream responses (needed for TTFT and "
+                                "ITL).", rich_help_panel=P_WORK),
+    ignore_eos: bool = typer.Option(True, "--ignore-eos/--no-ignore-eos", help="Send ignore_eos and "
+                                    "min_tokens so outputs have the asked length (vLLM, SGLang, the mocker).",
+                                    rich_help_panel=P_WORK),
+    extra_body: Optional[str] = typer.Option(None, "--extra-body", metavar="JSON", help="Extra fields merged "
+                                             "into every request body.", rich_help_panel=P_WORK),
+    goodput: Optional[List[str]] = typer.Option(None, "--goodput", metavar="METRIC:MS", help="SLOs for goodput, "
+                                                "e.g. --goodput ttft:200 tpot:50 (metrics: ttft, tpot, e2el, "
+                                                "itl).", rich_help_panel=P_OUT),
+    output_dir: Optional[Path] = typer.Option(None, "--output-dir", "-o", help="Write results.json, "
+                                              "summary.csv, requests-<load>.jsonl and (sweeps) PNG plots "
+                                              "here.", rich_help_panel=P_OUT),
+    save_requests: bool = typer.Option(True, "--save-requests/--no-save-requests", help="Write per-request "
+                                       "JSONL to --output-dir.", rich_help_panel=P_OUT),
+    plots: bool = typer.Option(True, "--plots/--no-plots", help="Write PNG plots for sweeps to --output-dir.",
+                               rich_help_panel=P_OUT),
+    as_json: bool = typer.Option(False, "--json", help="Print the results as JSON instead of tables.",
+                                 rich_help_panel=P_OUT),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Live progress on stderr "
+                                  "(terminals only).", rich_help_panel=P_OUT),
+) -> None:
+    """Load-benchmark an OpenAI-compatible endpoint and report TTFT, ITL, TPOT, E2EL, throughput and goodput.
+
+    Examples:
+      dynamo bench --url http://127.0.0.1:8000 -c 1,4,16,64 --input-len 1024 --output-len 256 -o out/
+      dynamo bench --url http://127.0.0.1:8000 --request-rate 20 --burstiness 0.5 --duration 60s
+      dynamo bench --profile agg --serve-arg=--backend=mocker -c 8 --goodput ttft:200 tpot:50
+      dynamo bench --url ... --dataset mooncake_trace.jsonl --trace-speedup 2
+      dynamo bench compare out-a/ out-b/
+
+    A readiness check (/v1/models, then a one-token request) runs before the load.
+    Exit codes: 0 done (failed requests are reported, not fatal), 1 server not ready or every
+    request failed, 2 usage error.
+    """
+    if ctx.invoked_subcommand is not None:
+        return
+    try:
+        code = _run(**{k: v for k, v in locals().items() if k != "ctx"})
+    except UsageError as exc:
+        _fail(str(exc), 2)
+    raise typer.Exit(code)
+
+
+def _run(**o) -> int:
+    from rich.console import Console
+
+    from dynamo.core.bench import workloads as wl
+    from dynamo.core.bench.client import ServerNotReady
+    from dynamo.core.bench.metrics import parse_goodput
+    from dynamo.core.bench.report import LiveDisplay, point_table, result_to_dict, sweep_table, write_outputs
+    from dynamo.core.bench.runner import BenchSettings, LiveStats, LoadPoint, run_async, run_benchmark
+    from dynamo.core.bench.target import ServeFailed, ServedProfile
+
+    if bool(o["url"]) == bool(o["profile"]):
+        raise UsageError("give exactly one of --url URL or --profile PROFILE")
+    if o["serve_args"] and not o["profile"]:
+        raise UsageError("--serve-arg only applies with --profile")
+    if o["endpoint"] not in ("chat", "completions"):
+        raise UsageError(f"--endpoint must be chat or completions, not {o['endpoint']!r}")
+    concurrencies = _split_list(o["concurrency"], "--concurrency", _concurrency)
+    rates = _split_list(o["request_rate"], "--request-rate", _rate)
+    if concurrencies and rates:
+        raise UsageError("--concurrency and --request-rate are exclusive "
+                         "(cap a rate with --max-concurrency)")
+    if o["max_concurrency"] and not rates:
+        raise UsageError("--max-concurrency applies to --request-rate; use --concurrency for a closed loop")
+    if not o["burstiness"] > 0:
+        raise UsageError("--burstiness must be greater than 0")
+    duration = _duration(o["duration"])
+    goodput = parse_goodput(o["goodput"] or [])
+    extra = None
+    if o["extra_body"]:
+        try:
+            extra = json.loads(o["extra_body"])
+        except ValueError as exc:
+            raise UsageError(f"--extra-body is not valid JSON: {exc}") from None
+        if not isinstance(extra, dict):
+            raise UsageError("--extra-body must be a JSON object")
+
+    kind = o["workload"]
+    dataset: Optional[Path] = o["dataset"]
+    if kind is None:
+        kind = "synthetic"
+        if dataset is not None:
+            kind = "trace" if dataset.suffix == ".jsonl" else "sharegpt"
+    kinds = ("synthetic", "shared-prefix", "multi-turn", "sharegpt", "trace")
+    if kind not in kinds:
+        raise UsageError(f"--workload must be one of {', '.join(kinds)}, not {kind!r}")
+    if kind in ("sharegpt", "trace") and dataset is None:
+        raise UsageError(f"--workload {kind} needs --dataset FILE")
+    if dataset is not None and kind not in ("sharegpt", "trace"):
+        raise UsageError(f"--dataset is for the sharegpt and trace workloads, not {kind}")
+    if dataset is not None and not dataset.is_file():
+        raise UsageError(f"--dataset {dataset}: no such file")
+    if not o["trace_speedup"] > 0:
+        raise UsageError("--trace-speedup must be greater than 0")
+
+    tok = wl.load_tokenizer(o["tokenizer"])
+    maker = wl.TextMaker(tok) if kind != "sharegpt" else None
+    out_len = o["output_len"] or 128
+    seed = o["seed"] if o["seed"] is not None else random.SystemRandom().randrange(2**31)
+    if kind == "synthetic":
+        workload = wl.SyntheticWorkload(maker, o["input_len"], out_len, o["input_len_std"], o["output_len_std"], seed)
+    elif kind == "shared-prefix":
+        workload = wl.SharedPrefixWorkload(maker, o["prefix_groups"], o["prompts_per_group"], o["shared_prefix_len"],
+                                           o["input_len"], out_len, o["input_len_std"], o["output_len_std"], seed)
+    elif kind == "multi-turn":
+        workload = wl.MultiTurnWorkload(maker, o["turns"], o["input_len"], out_len, o["input_len_std"],
+                                        o["output_len_std"], o["turn_delay"], seed)
+    elif kind == "sharegpt":
+        workload = wl.ShareGPTWorkload(dataset, tok, o["output_len"], seed)
+    else:
+        workload = wl.TraceWorkload(dataset, maker, o["trace_block_size"], o["trace_speedup"])
+
+    if concurrencies:
+        points = [LoadPoint(concurrency=c) for c in concurrencies]
+    elif rates:
+        points = [LoadPoint(request_rate=r, burstiness=o["burstiness"], max_concurrency=o["max_concurrency"])
+                  for r in rates]
+    elif kind == "trace":
+        points = [LoadPoint(trace=True, max_concurrency=o["max_concurrency"])]
+    else:
+        points = [LoadPoint(concurrency=1)]
+
+    err = Console(stderr=True, highlight=False)
+    out = Console(highlight=False)
+    if tok is None:
+        err.print("note: no --tokenizer: prompt lengths are approximate and token counts come from the "
+                  "server's usage only")
+    config = {
+        "url": o["url"], "profile": o["profile"], "model": o["model"], "endpoint": o["endpoint"],
+        "stream": o["stream"], "ignore_eos": o["ignore_eos"], "tokenizer": tok.source if tok else None,
+        "load": [p.describe() for p in points], "num_requests": o["num_requests"], "duration_s": duration,
+        "warmup": o["warmup"], "timeout_s": o["timeout"], "seed": seed, "goodput_slos_ms": goodput or None,
+        "extra_body": extra, **workload.describe(),
+        "command": " ".join(["dynamo", "bench", *sys.argv[1:]]) if sys.argv else None,
+    }
+    settings = BenchSettings(num_requests=o["num_requests"], duration=duration, warmup=o["warmup"],
+                             grace_period=o["grace_period"], seed=seed, turn_delay=o["turn_delay"])
+    stats = LiveStats()
+    display = LiveDisplay(stats, err, enabled=o["progress"])
+
+    async def go(url: str):
+        async with display:
+            return await run_benchmark(
+                url=url, model=o["model"], endpoint=o["endpoint"], stream=o["stream"], ignore_eos=o["ignore_eos"],
+                extra_body=extra, api_key=o["api_key"], workload=workload, points=points, settings=settings,
+                tokenizer=tok, goodput=goodput, timeout=o["timeout"], ready_timeout=o["ready_timeout"],
+                stats=stats, on_point=display.point_done)
+
+    served: Optional[ServedProfile] = None
+    try:
+        if o["profile"]:
+            served = ServedProfile(o["profile"], o["serve_args"] or [],
+                                   run_dir=(o["output_dir"] / "serve-run") if o["output_dir"] else None)
+            err.print(f"serving {o['profile']} (run dir {served.run_dir}) ...")
+            target = served.start()
+            err.print(f"endpoint {target}")
+        else:
+            target = o["url"]
+        result = run_async(go(target))
+    except ServeFailed as exc:
+        _fail(str(exc), 1)
+    except ServerNotReady as exc:
+        _fail(str(exc), 1)
+    except KeyboardInterrupt:
+        _fail("interrupted", 130)
+    finally:
+        if served is not None:
+            warning = served.stop()
+            if warning:
+                err.print(f"warning: {warning}")
+
+    doc = result_to_dict(result, config)
+    written: list[Path] = []
+    if o["output_dir"]:
+        written = write_outputs(o["output_dir"], doc, result, o["save_requests"])
+        if o["plots"] and len(result.points) > 1:
+            from dynamo.core.bench.plots import write_plots
+
+            written += write_plots(o["output_dir"], doc)
+    if o["as_json"]:
+        sys.stdout.write(json.dumps(doc, indent=2) + "\n")
+        for p in result.points:
+            for w in p.summary.get("warnings") or []:
+                err.print(f"warning: {p.point.label}: {w}")
+    else:
+        out.print(f"model {result.server.model} at {target} ({o['endpoint']}, "
+                  f"per-chunk usage {'yes' if result.server.continuous_usage else 'no'}, seed {seed})")
+        for p in result.points:
+            out.print(point_table(p))
+        if len(result.points) > 1:
+            out.print(sweep_table(doc["points"]))
+        if written:
+            out.print(f"wrote {len(written)} files to {o['output_dir']}")
+    if not any(p.summary["completed"] for p in result.points):
+        errors: dict[str, int] = {}
+        for p in result.points:
+            for k, v in p.summary["errors"].items():
+                errors[k] = errors.get(k, 0) + v
+        detail = next((r.error_detail for p in result.points for r in p.records if r.error_detail), "")
+        typer.secho(f"error: every request failed ({', '.join(f'{k} {v}' for k, v in errors.items())})"
+                    + (f": {detail}" if detail else ""), fg="red", err=True)
+        return 1
+    return 0
+
+
+@app.command("compare")
+def compare(
+    dir_a: Path = typer.Argument(..., help="Output directory (or results.json) of run A."),
+    dir_b: Path = typer.Argument(..., help="Output directory (or results.json) of run B."),
+    as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
+) -> None:
+    """Print two benchmark results side by side with the ratio B/A, load point by load point."""
+    from rich.console import Console
+
+    from dynamo.core.bench.compare import compare_results, compare_tables
+
+    try:
+        data = compare_results(dir_a, dir_b)
+    except UsageError as exc:
+        _fail(str(exc), 2)
+    if as_json:
+        sys.stdout.write(json.dumps(data, indent=2) + "\n")
+        return
+    console = Console(highlight=False)
+    for table in compare_tables(data):
+        console.print(table)
+
+
+if __name__ == "__main__":
+    app()
