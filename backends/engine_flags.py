@@ -25,6 +25,7 @@ from typing import Any
 
 from dynamo.backends.base import Backend, WorkerContext
 from dynamo.core.errors import PlanError
+from dynamo.core.ports import is_loopback  # noqa: F401  (the engine modules import it from here)
 
 FLAG_DIR = Path(__file__).resolve().parent
 
@@ -136,13 +137,6 @@ def load_flag_list(filename: str, engine: str, section: str | None = None, abbre
 # ----------------------------------------------------------------------------- hosts
 
 
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def is_wildcard(host: str) -> bool:

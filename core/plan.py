@@ -7,7 +7,6 @@ and what it depends on. ``{run_dir}`` in argv and env is filled in by the superv
 
 from __future__ import annotations
 
-import ipaddress
 import os
 import shutil
 import sys
@@ -21,7 +20,7 @@ from dynamo.core.disagg import BACKEND_PROTOCOL
 from dynamo.core.errors import PlanError, UsageError
 from dynamo.core.gpus import GpuInventory
 from dynamo.core.nats_server import nats_server_argv, nats_server_binary
-from dynamo.core.ports import PortAllocator, PortClaim, busy_ports
+from dynamo.core.ports import PortAllocator, PortClaim, busy_ports, is_loopback
 from dynamo.core.profile import LoadedProfile, Profile, ReadinessProbe, RestartPolicy
 
 RUN_DIR = "{run_dir}"
@@ -109,15 +108,6 @@ class Plan(BaseModel):
             if proc.name == name:
                 return proc
         raise KeyError(name)
-
-
-def _is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def _probe(probe: ReadinessProbe, default: ReadinessProbe, host: str, port: int | None, startup: float) -> ProbeSpec:
@@ -234,7 +224,7 @@ def build_plan(
     def host_for(component: str, spec_host: str, explicit: bool) -> str:
         """A component binds where the profile says, else on its node's address (multinode)."""
         if collapsed:
-            return spec_host if _is_loopback(spec_host) else "127.0.0.1"
+            return spec_host if is_loopback(spec_host) else "127.0.0.1"
         if explicit or not profile.nodes:
             return spec_host
         placed = _node_of(profile, component)
@@ -263,7 +253,7 @@ def build_plan(
     # NATS: embedded on this node, or external.
     if profile.nats.embedded:
         nats_host = host_for("nats", profile.nats.host, "host" in profile.nats.model_fields_set)
-        if not _is_loopback(nats_host) and not profile.nats.token:
+        if not is_loopback(nats_host) and not profile.nats.token:
             raise PlanError(
                 f"nats.host: {nats_host} is not a loopback address; set nats.token "
                 f"(for example nats.token: ${{DYNAMO_NATS_TOKEN}}) so NATS is never open on the network"

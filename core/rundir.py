@@ -7,7 +7,6 @@ import json
 import os
 import secrets
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -116,6 +115,24 @@ class RunDir:
     def is_active(self) -> bool:
         state = self.read_state()
         return state.get("status") in ACTIVE and pid_alive(state.get("supervisor_pid"), state.get("supervisor_started"))
+
+
+def wait_until_ready(run: Path, process, timeout: float = 120.0) -> dict[str, Any]:
+    """Poll a run's state.json until it says ready; raise RuntimeError if the supervisor exits or time runs out."""
+    state_path = Path(run) / "state.json"
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            state = json.loads(state_path.read_text())
+        except (OSError, ValueError):
+            state = {}
+        if state.get("status") == "ready":
+            return state
+        if process.poll() is not None:
+            raise RuntimeError(f"dynamo serve exited with {process.returncode} before it was ready")
+        time.sleep(0.05)
+    process.kill()
+    raise RuntimeError(f"dynamo serve was not ready within {timeout:g}s")
 
 
 def pid_alive(pid: int | None, create_time: float | None = None) -> bool:

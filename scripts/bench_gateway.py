@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import shutil
 import signal
 import statistics
@@ -26,6 +25,8 @@ from itertools import cycle
 from pathlib import Path
 
 import aiohttp
+
+from dynamo.core.rundir import wait_until_ready
 
 MODEL = "Qwen/Qwen3-0.6B"
 
@@ -75,17 +76,7 @@ def start_run(workers: int, home: Path) -> tuple[subprocess.Popen, dict]:
          "--set", f"workers.decode.replicas={workers}", "--set", "workers.decode.args.speedup-ratio=0",
          "--set", "frontend.port=0", "--set", "nats.port=0", "--set", "ports.base=0", "--no-color"],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        try:
-            state = json.loads((run_dir / "state.json").read_text())
-            if state.get("status") == "ready":
-                return proc, state
-        except (OSError, ValueError):
-            pass
-        time.sleep(0.1)
-    proc.kill()
-    raise RuntimeError("dynamo serve did not become ready")
+    return proc, wait_until_ready(run_dir, proc)
 
 
 def start_sglang_router(worker_urls: list[str]) -> tuple[subprocess.Popen, str] | None:

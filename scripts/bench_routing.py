@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import random
 import shutil
 import signal
@@ -27,6 +26,8 @@ import time
 from pathlib import Path
 
 import aiohttp
+
+from dynamo.core.rundir import wait_until_ready
 
 MODEL = "Qwen/Qwen3-0.6B"
 def workload(groups: int, per_group: int, prefix_tokens: int, seed: int = 0) -> list[str]:
@@ -90,17 +91,7 @@ def serve(mode: str, args: argparse.Namespace, home: Path) -> tuple[subprocess.P
          "--set", f"router.overlap_weight={args.overlap_weight}",
          "--set", "frontend.port=0", "--set", "nats.port=0", "--set", "ports.base=0", "--no-color"],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        try:
-            state = json.loads((run_dir / "state.json").read_text())
-            if state.get("status") == "ready":
-                return proc, state
-        except (OSError, ValueError):
-            pass
-        time.sleep(0.1)
-    proc.kill()
-    raise RuntimeError("dynamo serve did not become ready")
+    return proc, wait_until_ready(run_dir, proc)
 
 
 def hit_rate(state: dict) -> float:

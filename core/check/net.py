@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-import ipaddress
 import json
 import socket
 import time
 from dataclasses import dataclass
 from urllib.parse import urlsplit
+
+from dynamo.core import ports
 
 NATS_DEFAULT_PORT = 4222
 
@@ -103,9 +104,5 @@ def _greeting(server: NatsServer, timeout: float) -> dict:
 
 
 def is_loopback(host: str) -> bool:
-    if host in ("localhost", ""):
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
+    """Loopback, counting an empty host (a URL without one) as local."""
+    return host == "" or ports.is_loopback(host)
