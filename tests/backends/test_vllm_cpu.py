@@ -75,7 +75,7 @@ def tiny_llama(tmp_path_factory) -> Path:
 
 
 def cpu_profile(tmp: Path, model: Path) -> Path:
-    """Two vLLM workers on a CPU, each pinned to its own core, behind a round-robin frontend.
+    """Two vLLM workers on a CPU, each pinned to its own core, behind the KV router.
 
     CPU attention needs a block size that is a multiple of 32; --enforce-eager skips
     torch.compile, which takes minutes on two cores.
@@ -90,7 +90,7 @@ def cpu_profile(tmp: Path, model: Path) -> Path:
         nats: {{port: 0}}
         frontend: {{port: 0}}
         ports: {{base: 0}}
-        router: {{mode: round_robin}}
+        router: {{mode: kv}}
         env: {{HF_HUB_OFFLINE: "1", VLLM_CPU_KVCACHE_SPACE: "1"}}
         workers:
           a: {worker.format(core=0, args=args)}
@@ -134,6 +134,33 @@ class EventCollector:
         self._ctx.term()
 
 
+def router_stats(nats_url: str, namespace: str) -> dict:
+    """The KV router's own view (NATS request ``<namespace>.router.stats``)."""
+    import asyncio
+
+    import nats
+
+    async def ask() -> dict:
+        nc = await nats.connect(nats_url)
+        try:
+            return json.loads((await nc.request(f"{namespace}.router.stats", b"", timeout=5)).data)
+        finally:
+            await nc.close()
+
+    return asyncio.run(ask())
+
+
+def counter(url: str, name: str) -> float:
+    """Sum of a Prometheus counter's samples on a worker's /metrics."""
+    import httpx
+
+    total = 0.0
+    for line in httpx.get(url + "/metrics", timeout=10).text.splitlines():
+        if line.startswith(name + "{") or line.startswith(name + " "):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
 def replay(endpoint: str) -> list[int]:
     """Sequence numbers of the batches a worker still buffers (DEALER on its replay socket)."""
     import zmq
@@ -158,7 +185,7 @@ def replay(endpoint: str) -> list[int]:
 
 
 @pytest.mark.timeout(900)
-def test_two_vllm_workers_serve_openai_clients_and_publish_kv_events(tmp_path, tiny_llama, serve):
+def test_two_vllm_workers_serve_openai_clients_through_the_kv_router(tmp_path, tiny_llama, serve):
     import httpx
     from openai import OpenAI
 
@@ -169,6 +196,7 @@ def test_two_vllm_workers_serve_openai_clients_and_publish_kv_events(tmp_path, t
     plan = json.loads((run.dir / "plan.json").read_text())
     workers = {p["name"]: p for p in plan["processes"] if p["kind"] == "worker"}
     assert set(workers) == {"a-0", "b-0"}
+    assert [p["name"] for p in plan["processes"] if p["kind"] == "router"] == ["router"]
     for worker in workers.values():
         assert worker["argv"][:3] == [sys.executable, "-m", "vllm.entrypoints.openai.api_server"]
         assert worker["discovery"]["kv_format"] == "vllm"
@@ -180,10 +208,6 @@ def test_two_vllm_workers_serve_openai_clients_and_publish_kv_events(tmp_path, t
     try:
         time.sleep(0.5)  # let the SUB sockets connect before anything is published
         client = OpenAI(base_url=state["endpoint"] + "/v1", api_key="none", timeout=120, max_retries=0)
-        prompt = "the quick brown fox jumps over the lazy dog " * 12
-        for _ in range(4):
-            reply = client.completions.create(model="tiny", prompt=prompt, max_tokens=8, extra_body={"ignore_eos": True})
-            assert reply.usage.completion_tokens == 8 and reply.choices[0].text
         chat = client.chat.completions.create(model="tiny", max_tokens=8, extra_body={"ignore_eos": True},
                                               messages=[{"role": "user", "content": "hello there"}])
         assert chat.choices[0].message.content
@@ -192,24 +216,56 @@ def test_two_vllm_workers_serve_openai_clients_and_publish_kv_events(tmp_path, t
             messages=[{"role": "user", "content": "stream please"}]) if c.choices]
         assert "".join(pieces)
 
-        tokens = httpx.post(workers["a-0"]["url"] + "/tokenize", json={"model": "tiny", "prompt": prompt},
+        # The same long prompt four times: the KV router must keep sending it to the worker
+        # that holds its blocks, so that worker serves all four and hits its prefix cache.
+        prompt = "the quick brown fox jumps over the lazy dog " * 12
+        served = {name: counter(w["url"], "vllm:request_success_total") for name, w in workers.items()}
+        hits = {name: counter(w["url"], "vllm:prefix_cache_hits_total") for name, w in workers.items()}
+        for _ in range(4):
+            reply = client.completions.create(model="tiny", prompt=prompt, max_tokens=8, extra_body={"ignore_eos": True})
+            assert reply.usage.completion_tokens == 8 and reply.choices[0].text
+        served = {name: counter(w["url"], "vllm:request_success_total") - served[name] for name, w in workers.items()}
+        hits = {name: counter(w["url"], "vllm:prefix_cache_hits_total") - hits[name] for name, w in workers.items()}
+        holder = max(served, key=served.get)
+        assert sorted(served.values()) == [0, 4], f"the repeated prompt was spread over workers: {served}"
+
+        tokens = httpx.post(workers[holder]["url"] + "/tokenize", json={"model": "tiny", "prompt": prompt},
                             timeout=30).json()["tokens"]
         full = len(tokens) // (BLOCK * 2) * (BLOCK * 2)
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline and not all(c.stored() for c in collectors.values()):
-            time.sleep(0.1)
-        for name, collector in collectors.items():
-            stored = collector.stored()
-            assert stored, f"{name} published no BlockStored event on {collector.endpoint}"
-            first = stored[0]
-            assert first["block_size"] == BLOCK * 2
-            assert len(first["block_hashes"]) == full // (BLOCK * 2)
-            assert first["token_ids"] == tokens[:full]  # real token ids of the prompt's full blocks
-            assert replay(endpoints[name]["kv_replay"]), f"{name} replayed nothing"
+        assert full >= BLOCK * 2, "the prompt must fill at least one block"
+        assert hits[holder] >= 3 * full, f"the holder did not reuse the prompt's blocks: hits {hits}, {full} cached tokens"
+
+        # The router's index was filled from vLLM's real KV events: once its own predictions for
+        # routed requests have expired (10 s), it still knows the holder's blocks, and the
+        # frontend's hashes of the prompt still match them.
+        last_request = time.monotonic()
+        key = f"{plan['namespace']}.{holder}"  # the router names workers by their discovery key
+        time.sleep(max(0.0, last_request + 10.5 - time.monotonic()))
+        stats = router_stats(plan["nats_url"], plan["namespace"])
+        before = counter(workers[holder]["url"], "vllm:request_success_total")
+        client.completions.create(model="tiny", prompt=prompt, max_tokens=4)
+        assert counter(workers[holder]["url"], "vllm:request_success_total") == before + 1, \
+            f"with only event-fed blocks in its index the router sent the prompt elsewhere: {stats}"
+        assert sorted(stats["event_feeds"]) == sorted(stats["workers"]) and len(stats["workers"]) == 2, stats
+        assert stats["batches"] > 0 and stats["bad_batches"] == 0, stats
+        stored_events = sum(len(c.stored()) for c in collectors.values())
+        assert stats["events_applied"] >= stored_events > 0, (stats, stored_events)
+        assert stats["blocks_per_worker"][key] >= full // (BLOCK * 2), stats
+        assert stats["decisions"] >= 6, stats  # 2 chats + 4 prompts
+
+        # The wire format itself: vLLM's BlockStored events carry the prompt's real token ids,
+        # and the worker replays buffered batches to a router that missed some.
+        stored = collectors[holder].stored()
+        assert stored, f"{holder} published no BlockStored event on {collectors[holder].endpoint}"
+        assert all(e["block_size"] == BLOCK * 2 for e in stored)
+        assert replay(endpoints[holder]["kv_replay"]), f"{holder} replayed nothing"
+        prompt_events = [e for e in stored if e["token_ids"] == tokens[:full]]
+        assert prompt_events and len(prompt_events[0]["block_hashes"]) == full // (BLOCK * 2)
     finally:
         for collector in collectors.values():
             collector.close()
-    print(f"\nvLLM CPU: 2 workers ready after {ready_after:.0f}s; whole test {time.monotonic() - started:.0f}s")
+    print(f"\nvLLM CPU: 2 workers ready after {ready_after:.0f}s; whole test {time.monotonic() - started:.0f}s; "
+          f"router: {stats['indexed_blocks']} blocks indexed from {stats['batches']} event batches")
 
 
 def test_vllm_own_parser_accepts_the_planned_argv_and_names_a_bad_flag(tmp_path, tiny_llama):
