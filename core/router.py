@@ -250,15 +250,16 @@ class Router:
         self.index.expire()
         overlaps = self.index.overlap(hashes)
         request_blocks = len(hashes)
-        costs = {
-            w.key: kv_cost(request_blocks, overlaps.get(w.key, 0), self.loads[w.key].active_blocks, self.overlap_weight)
-            for w in candidates
-        }
-        chosen = pick_lowest(costs, self.temperature, self.rng)
+        costs = {}
+        for w in candidates:
+            load, overlap = self.loads[w.key], overlaps.get(w.key, 0)
+            costs[w.key] = kv_cost(request_blocks, overlap, load.active_blocks, self.overlap_weight,
+                                   load.queued_prefill_blocks(hashes, overlap))
+        chosen = pick_lowest(costs, self.temperature, self.rng, overlaps)
         overlap = overlaps.get(chosen, 0)
         if not account:
             return {"worker": chosen, "url": self.workers[chosen].url, "overlap": overlap, "cost": costs[chosen]}
-        self.loads[chosen].add(request_id, request_blocks, request_blocks - overlap)
+        self.loads[chosen].add(request_id, request_blocks, request_blocks - overlap, hashes[overlap:])
         self.owner[request_id] = chosen
         # Without events the prediction is all we know; with events it bridges until they arrive.
         self.index.predict(chosen, hashes, self.approx_ttl if chosen not in self.feeds else self.pending_ttl)

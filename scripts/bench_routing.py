@@ -82,37 +82,94 @@ async def drive(url: str, prompts: list[str], concurrency: int, tokens: int) -> 
             "req_s": len(ttfts) / elapsed, "errors": errors}
 
 
-def serve(mode: str, args: argparse.Namespace, home: Path) -> tuple[subprocess.Popen, dict]:
+def serve(mode: str, args: argparse.Namespace, home: Path, weight: float) -> tuple[subprocess.Popen, dict]:
     run_dir = home / f"run-{mode}-{time.monotonic_ns()}"
     proc = subprocess.Popen(
         [sys.executable, "-m", "dynamo.cli.app", "serve", "agg", "--backend", "mocker", "--run-dir", str(run_dir),
          "--set", f"workers.decode.replicas={args.workers}", "--set", f"router.mode={mode}",
          "--set", f"workers.decode.args.num-gpu-blocks={args.blocks}",
-         "--set", f"router.overlap_weight={args.overlap_weight}",
+         "--set", f"router.overlap_weight={weight}",
          "--set", "frontend.port=0", "--set", "nats.port=0", "--set", "ports.base=0", "--no-color"],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     return proc, wait_until_ready(run_dir, proc)
 
 
-def hit_rate(state: dict) -> float:
-    """Prefix-cache hits / queries summed over the workers (vLLM metric names)."""
+def worker_stats(state: dict) -> tuple[float, list[int]]:
+    """Prefix-cache hit rate (hits / queries summed over the workers, vLLM metric names) and
+    requests served per worker, busiest first."""
     import httpx
 
     hits = queries = 0.0
+    served = []
     for proc in state["processes"].values():
         if proc["kind"] != "worker":
             continue
+        count = 0.0
         for line in httpx.get(proc["url"] + "/metrics", timeout=5).text.splitlines():
             if line.startswith("vllm:prefix_cache_hits_total"):
                 hits += float(line.rsplit(" ", 1)[1])
             elif line.startswith("vllm:prefix_cache_queries_total"):
                 queries += float(line.rsplit(" ", 1)[1])
-    return hits / queries if queries else 0.0
+            elif line.startswith("vllm:request_success_total"):
+                count += float(line.rsplit(" ", 1)[1])
+        served.append(int(count))
+    return (hits / queries if queries else 0.0), sorted(served, reverse=True)
+
+
+def wait_for_http(url: str, proc: subprocess.Popen, log: Path, timeout: float = 60) -> None:
+    """Until ``url`` answers 200; fails with the process's log if it exits first."""
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{proc.args[2]} exited with {proc.returncode}:\n{log.read_text(errors='replace')[-2000:]}")
+        try:
+            if httpx.get(url, timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    raise RuntimeError(f"{url} not ready after {timeout:.0f}s")
 
 
 def stop(proc: subprocess.Popen) -> None:
     proc.send_signal(signal.SIGINT)
     proc.wait(60)
+
+
+def run_dynamo(mode: str, weight: float, args: argparse.Namespace, prompts: list[str], home: Path) -> dict:
+    proc, state = serve(mode, args, home, weight)
+    try:
+        result = asyncio.run(drive(state["endpoint"], prompts, args.concurrency, args.tokens))
+        result["hit_rate"], result["served"] = worker_stats(state)
+        return result
+    finally:
+        stop(proc)
+
+
+def run_sglang(args: argparse.Namespace, prompts: list[str], home: Path) -> dict:
+    """sglang-router's cache_aware policy in front of the same mocker workers (served by dynamo, unused frontend)."""
+    from dynamo.core.ports import pick_free_port
+
+    proc, state = serve("round_robin", args, home, args.overlap_weight[0])
+    workers = [p["url"] for p in state["processes"].values() if p["kind"] == "worker"]
+    port = pick_free_port()
+    log_path = home / f"sglang-router-{time.monotonic_ns()}.log"
+    with open(log_path, "wb") as log:
+        router = subprocess.Popen([args.sglang_python, "-m", "sglang_router.launch_router", "--worker-urls",
+                                   *workers, "--policy", "cache_aware", "--host", "127.0.0.1", "--port", str(port),
+                                   "--prometheus-host", "127.0.0.1", "--prometheus-port", str(pick_free_port())],
+                                  stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        wait_for_http(f"http://127.0.0.1:{port}/v1/models", router, log_path)
+        result = asyncio.run(drive(f"http://127.0.0.1:{port}", prompts, args.concurrency, args.tokens))
+        result["hit_rate"], result["served"] = worker_stats(state)
+        return result
+    finally:
+        router.terminate()
+        router.wait(30)
+        stop(proc)
 
 
 def main() -> None:
@@ -121,54 +178,55 @@ def main() -> None:
     parser.add_argument("--groups", type=int, default=64)
     parser.add_argument("--per-group", type=int, default=16)
     parser.add_argument("--prefix", type=int, default=2000, help="Shared prefix length in tokens.")
-    parser.add_argument("--blocks", type=int, default=3000,
-                        help="KV blocks per worker (16 tokens each): fewer than every prefix on every worker.")
+    parser.add_argument("--blocks", type=int, default=4000,
+                        help="KV blocks per worker (default 4000: the prefixes fit once across the workers, not on each).")
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--tokens", type=int, default=16)
-    parser.add_argument("--overlap-weight", type=float, default=1.0, help="router.overlap_weight for kv.")
+    parser.add_argument("--overlap-weight", type=float, nargs="+", default=[1.0],
+                        help="router.overlap_weight for kv; several values run kv once per value.")
     parser.add_argument("--modes", nargs="+", default=["kv", "round_robin", "random"])
     parser.add_argument("--sglang-python", default=None, help="Python of a venv with sglang-router installed.")
+    parser.add_argument("--repeat", type=int, default=1,
+                        help="Rounds; each round runs every router once, in turn, and the table shows medians "
+                             "(this machine is noisy: interleaving keeps the comparison side by side).")
     args = parser.parse_args()
     prompts = workload(args.groups, args.per_group, args.prefix)
     home = Path(tempfile.mkdtemp(prefix="dynamo-routing-"))
-    results: dict[str, dict] = {}
+    runs: dict[str, list[dict]] = {}
+    entries: list[tuple[str, str, float]] = []
+    for mode in args.modes:
+        if mode == "kv":
+            entries += [(f"kv (weight {w:g})" if len(args.overlap_weight) > 1 else "kv", mode, w)
+                        for w in args.overlap_weight]
+        else:
+            entries.append((mode, mode, args.overlap_weight[0]))
+    if args.sglang_python:
+        entries.append(("sglang cache_aware", "sglang", 0.0))
     try:
-        for mode in args.modes:
-            proc, state = serve(mode, args, home)
-            try:
-                results[mode] = asyncio.run(drive(state["endpoint"], prompts, args.concurrency, args.tokens))
-                results[mode]["hit_rate"] = hit_rate(state)
-            finally:
-                stop(proc)
-            print(f"{mode}: {results[mode]}", flush=True)
-        if args.sglang_python:
-            from dynamo.core.ports import pick_free_port
-
-            proc, state = serve("round_robin", args, home)
-            workers = [p["url"] for p in state["processes"].values() if p["kind"] == "worker"]
-            port = pick_free_port()
-            router = subprocess.Popen([args.sglang_python, "-m", "sglang_router.launch_router", "--worker-urls",
-                                       *workers, "--policy", "cache_aware", "--host", "127.0.0.1", "--port", str(port)],
-                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-            try:
-                time.sleep(5)
-                results["sglang cache_aware"] = asyncio.run(
-                    drive(f"http://127.0.0.1:{port}", prompts, args.concurrency, args.tokens))
-                print(f"sglang cache_aware: {results['sglang cache_aware']}", flush=True)
-            finally:
-                router.terminate()
-                router.wait(30)
-                stop(proc)
+        for round_no in range(args.repeat):
+            for name, mode, weight in entries:
+                result = (run_sglang(args, prompts, home) if mode == "sglang"
+                          else run_dynamo(mode, weight, args, prompts, home))
+                runs.setdefault(name, []).append(result)
+                print(f"round {round_no + 1} {name}: p50 {result['ttft_p50']:.1f} ms, p99 {result['ttft_p99']:.1f} ms, "
+                      f"{result['req_s']:.1f} req/s, hit rate {result['hit_rate']:.0%}, served {result['served']}",
+                      flush=True)
     finally:
         shutil.rmtree(home, ignore_errors=True)
+    results = {name: {key: statistics.median(r[key] for r in rs) for key in ("ttft_p50", "ttft_p99", "req_s", "hit_rate")}
+               | {"errors": sum(r["errors"] for r in rs), "served": rs[-1]["served"]}
+               for name, rs in runs.items()}
     base = results.get("round_robin")
     print(f"\n{len(prompts)} requests: {args.groups} groups × {args.per_group} sharing {args.prefix} tokens, "
-          f"{args.workers} mocker workers × {args.blocks} blocks, concurrency {args.concurrency}")
-    print(f"{'router':22}{'TTFT p50 ms':>12}{'TTFT p99 ms':>12}{'req/s':>8}{'hit rate':>9}{'p50 vs rr':>11}{'errors':>8}")
+          f"{args.workers} mocker workers × {args.blocks} blocks, concurrency {args.concurrency}, "
+          f"{args.tokens} output tokens; medians of {args.repeat} interleaved round(s)")
+    print(f"{'router':22}{'TTFT p50 ms':>12}{'TTFT p99 ms':>12}{'req/s':>8}{'hit rate':>9}{'p50 vs rr':>11}"
+          f"{'errors':>8}  requests per worker (last round)")
     for name, r in results.items():
         ratio = f"{base['ttft_p50'] / r['ttft_p50']:.2f}x" if base else "-"
-        hits = f"{r['hit_rate']:.0%}" if "hit_rate" in r else "-"
-        print(f"{name:22}{r['ttft_p50']:>12.1f}{r['ttft_p99']:>12.1f}{r['req_s']:>8.1f}{hits:>9}{ratio:>11}{r['errors']:>8}")
+        served = "/".join(map(str, r["served"]))
+        print(f"{name:22}{r['ttft_p50']:>12.1f}{r['ttft_p99']:>12.1f}{r['req_s']:>8.1f}{r['hit_rate']:>9.0%}{ratio:>11}"
+              f"{r['errors']:>8}  {served}")
 
 
 if __name__ == "__main__":

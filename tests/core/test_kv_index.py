@@ -80,6 +80,28 @@ def test_cost_matches_nvidia_dynamo_worked_example():
     assert pick_lowest(costs, 0.0, random.Random(0)) == "2"
 
 
+def test_queued_prefill_counts_against_a_worker():
+    # "busy" holds the whole prefix but must first prefill 40 blocks for requests routed before;
+    # "idle" holds nothing and prefills only this request's 8 blocks.
+    busy = kv_cost(8, 8, 4, 1.0, queued_prefill_blocks=40)
+    idle = kv_cost(8, 0, 0, 1.0)
+    assert idle < busy
+    assert kv_cost(8, 8, 4, 1.0) < idle  # without the queue the holder would have won
+
+
+def test_a_queue_computing_the_requests_own_prefix_is_not_charged():
+    shared = list(range(100, 110))
+    load = WorkerLoad()
+    load.add("first", blocks=10, prefill_blocks=10, prefill_hashes=shared)
+    load.add("other", blocks=6, prefill_blocks=6, prefill_hashes=range(200, 206))
+    assert load.queued_prefill_blocks(shared + [7, 8], overlap_blocks=10) == 6  # only "other" delays it
+    assert load.queued_prefill_blocks([1, 2, 3], overlap_blocks=0) == 16
+    load.first_token("first")
+    assert load.pending.keys() == set(range(200, 206)) and load.prefill_blocks == 6
+    load.finish("other")
+    assert not load.pending and load.prefill_blocks == 0
+
+
 def test_temperature_samples_but_prefers_cheap_workers():
     rng = random.Random(0)
     picks = [pick_lowest({"cheap": 1.0, "dear": 50.0}, 0.5, rng) for _ in range(2000)]
