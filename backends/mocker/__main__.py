@@ -1,7 +1,8 @@
 """``python -m dynamo.backends.mocker``: run one simulated vLLM-compatible engine.
 
-Exit codes: 0 after SIGTERM/SIGINT, 2 for bad flags or when the port / KV
-events endpoint cannot be bound (one line on stderr), 1 for anything else.
+Exit codes: 0 after SIGTERM/SIGINT, 2 for bad flags, when the port / KV
+events endpoint cannot be bound or ``--kv-transfer nixl`` cannot start (one
+line on stderr), 1 for anything else.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ if __name__ == "__main__":  # as early as possible: the launcher may stop us whi
 import argparse  # noqa: E402
 import os  # noqa: E402
 
-from .config import MockerConfig  # noqa: E402
+from .config import KV_TRANSFER_MODES, MockerConfig  # noqa: E402
 
 ROLES = ("agg", "prefill", "decode")
 
@@ -111,7 +112,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kv-transfer-bandwidth-gbps", type=_positive_float, default=25.0,
                    help="simulated KV transfer bandwidth in gigabits/s (default: %(default)s)")
     p.add_argument("--kv-bytes-per-token", type=_positive_int, default=131072,
-                   help="KV bytes per token, for transfer times (default: %(default)s)")
+                   help="KV bytes per token: for modelled transfer times, and the size of a token's "
+                   "slot in the host KV pool with --kv-transfer nixl (default: %(default)s)")
+    p.add_argument("--kv-transfer", choices=KV_TRANSFER_MODES, default="model",
+                   help="how prefill -> decode KV moves: model (wait the modelled time) or nixl (real "
+                   "bytes in host memory over NIXL/UCX; needs the nixl extra) (default: %(default)s)")
     return p
 
 
@@ -127,6 +132,8 @@ def parse_args(argv: list[str] | None = None) -> MockerConfig:
         parser.error(f"--model-path {a.model_path}: no tokenizer.json in that directory")
     if a.perf_table is not None and not os.path.isfile(a.perf_table):
         parser.error(f"--perf-table {a.perf_table}: no such file")
+    if a.kv_transfer == "nixl" and a.role == "agg":
+        parser.error("--kv-transfer nixl moves KV between --role prefill and --role decode workers")
     return MockerConfig(
         host=a.host,
         port=a.port,
@@ -148,6 +155,7 @@ def parse_args(argv: list[str] | None = None) -> MockerConfig:
         kv_events_topic=a.kv_events_topic,
         kv_transfer_bandwidth_gbps=a.kv_transfer_bandwidth_gbps,
         kv_bytes_per_token=a.kv_bytes_per_token,
+        kv_transfer=a.kv_transfer,
     )
 
 
@@ -180,6 +188,14 @@ def _run(cfg: MockerConfig) -> int:
         tokenizer = load_tokenizer(cfg.model_path)
     except (PerfTableError, TokenizerError) as exc:
         return _fail(str(exc))
+    kv_transfer = None
+    if cfg.kv_transfer == "nixl":
+        from .nixl_transfer import NixlSetupError, open_nixl_transfer
+
+        try:
+            kv_transfer = open_nixl_transfer(cfg)
+        except NixlSetupError as exc:
+            return _fail(str(exc))
     try:
         sock = bind_socket(cfg.host, cfg.port)
     except StartupError as exc:
@@ -194,7 +210,7 @@ def _run(cfg: MockerConfig) -> int:
         pass
     try:
         with asyncio.Runner(loop_factory=loop_factory) as runner:
-            runner.run(serve(cfg, sock, tokenizer, perf))
+            runner.run(serve(cfg, sock, tokenizer, perf, kv_transfer))
     except StartupError as exc:
         return _fail(str(exc))
     finally:

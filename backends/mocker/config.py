@@ -5,9 +5,11 @@ from __future__ import annotations
 import sys
 from dataclasses import dataclass, fields
 
-__all__ = ["MockerConfig", "READY_MARKER", "mocker_command"]
+__all__ = ["KV_TRANSFER_MODES", "MockerConfig", "READY_MARKER", "mocker_command"]
 
 READY_MARKER = "Mocker ready on http://"
+# model: wait the modelled transfer time; nixl: move real bytes (nixl_transfer.py).
+KV_TRANSFER_MODES = ("model", "nixl")
 
 
 @dataclass
@@ -34,6 +36,7 @@ class MockerConfig:
     kv_events_topic: str = ""
     kv_transfer_bandwidth_gbps: float = 25.0
     kv_bytes_per_token: int = 131072
+    kv_transfer: str = "model"
 
     def to_argv(self) -> list[str]:
         """CLI flags for this config (only the ones that differ from the defaults)."""

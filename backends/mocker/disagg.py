@@ -10,13 +10,28 @@ Protocol (the proxy's view is exactly vLLM's, reference/engine-protocols.md §b)
    a lease (30 s, as vLLM's ``kv_lease_duration``).
 2. The proxy sends the original request to a ``--role decode`` mocker with
    those parameters verbatim. The decode mocker allocates blocks for the
-   prompt (reusing its own prefix cache), waits the modelled transfer time
-   ``tokens * kv_bytes_per_token * 8 / bandwidth`` for the tokens it does
-   not have, then decodes without recomputing the prompt.
-3. When the transfer is done the decode mocker tells the prefill mocker to
+   prompt (reusing its own prefix cache), gets the blocks it does not have
+   (below), then decodes without recomputing the prompt.
+3. When the transfer is over the decode mocker tells the prefill mocker to
    drop the lease: ``POST http://remote_host:remote_port/kv_transfer/release``
    with ``{"remote_engine_id", "remote_request_id"}``. This stands in for
-   NIXL's completion notification; no KV bytes are moved.
+   NIXL's completion notification (vLLM's prefill worker frees its blocks on
+   that notification), in both transfer modes.
+
+How the blocks move depends on ``--kv-transfer`` (the same on both workers):
+
+- ``model`` (default): nothing moves; the decode mocker waits the modelled
+  time ``tokens * kv_bytes_per_token * 8 / bandwidth``.
+- ``nixl`` (the optional ``nixl`` extra, :mod:`.nixl_transfer`): every mocker
+  has a host-memory KV pool registered with a NIXL agent (UCX, DRAM) and
+  writes each computed token's KV bytes, a function of the tokens up to it,
+  into its block. The decode mocker fetches the prefill mocker's agent
+  metadata once from ``GET http://remote_host:remote_port/kv_transfer/nixl_metadata``
+  (vLLM uses a side channel for this handshake), READs the missing blocks
+  (``remote_block_ids``) from the prefill mocker's memory into its own
+  blocks, checks every received token, and only then decodes. A pull that
+  fails or does not verify is counted (``mocker:nixl_failed_pulls_total``)
+  and the prompt is computed on the decode worker instead.
 """
 
 from __future__ import annotations

@@ -11,6 +11,11 @@ got their first token, and every ``ZERO_DELAY_YIELD`` (1 ms, or as long as
 the previous hand-over took, at most 5 ms), waking every request with
 output; a stream then writes the several tokens it received as several SSE
 events in one write.
+
+With ``--kv-transfer nixl`` (:mod:`.nixl_transfer`) each step also writes the
+KV bytes of the tokens it computes into a host-memory pool, and a remote
+prefill's transfer is a real NIXL pull awaited in its own task instead of a
+modelled delay.
 """
 
 from __future__ import annotations
@@ -23,8 +28,9 @@ from typing import TYPE_CHECKING, Callable
 from .scheduler import Scheduler, Sequence
 from .timing import PerfModel, transfer_seconds
 
-if TYPE_CHECKING:  # zmq is imported only when KV events are enabled
+if TYPE_CHECKING:  # zmq and nixl are imported only when enabled
     from .kv_events import KvEventPublisher
+    from .nixl_transfer import NixlKvTransfer
 
 __all__ = ["Engine"]
 
@@ -46,6 +52,7 @@ class Engine:
         kv_bytes_per_token: int = 131072,
         kv_transfer_bandwidth_gbps: float = 25.0,
         lease_seconds: float = 30.0,
+        kv_transfer: "NixlKvTransfer | None" = None,
     ) -> None:
         self.scheduler = scheduler
         self.perf = perf
@@ -53,6 +60,11 @@ class Engine:
         self.kv_bytes_per_token = kv_bytes_per_token
         self.kv_transfer_bandwidth_gbps = kv_transfer_bandwidth_gbps
         self.lease_seconds = lease_seconds
+        # With NIXL, steps write real KV bytes and transfers are real pulls
+        # instead of modelled delays.
+        self.kv_transfer = kv_transfer
+        self._pulls: set[asyncio.Task] = set()
+        # Called once a remote prefill's transfer is over, whether or not it succeeded.
         self.on_transfer_done: Callable[[Sequence], None] | None = None
         self._wake = asyncio.Event()
         self._task: asyncio.Task | None = None
@@ -120,6 +132,10 @@ class Engine:
         for timer in self._timers:
             timer.cancel()
         self._timers.clear()
+        for task in list(self._pulls):
+            task.cancel()
+        if self._pulls:
+            await asyncio.gather(*self._pulls, return_exceptions=True)
         if self._task is not None:
             self._task.cancel()
             try:
@@ -146,6 +162,13 @@ class Engine:
             self._later(self.lease_seconds, self.release_lease, seq.request_id)
 
     def _start_transfers(self, seqs: list[Sequence]) -> None:
+        if self.kv_transfer is not None:
+            loop = asyncio.get_running_loop()
+            for seq in seqs:
+                task = loop.create_task(self._pull(seq))
+                self._pulls.add(task)
+                task.add_done_callback(self._pulls.discard)
+            return
         for seq in seqs:
             delay = transfer_seconds(
                 seq.transfer_tokens,
@@ -155,6 +178,22 @@ class Engine:
             )
             self.scheduler.metrics.kv_transfer_seconds.observe(delay)
             self._later(delay, self._transfer_done, seq)
+
+    async def _pull(self, seq: Sequence) -> None:
+        assert self.kv_transfer is not None
+        start = time.monotonic()
+        try:
+            ok = await self.kv_transfer.pull(seq, self.scheduler)
+        except Exception:  # a bug in the pull must not leave the request parked for ever
+            log.exception("KV pull for %s crashed; computing its prompt here", seq.request_id)
+            ok = False
+        self.scheduler.metrics.kv_transfer_seconds.observe(time.monotonic() - start)
+        if ok:
+            self._transfer_done(seq)
+        elif self.scheduler.fail_transfer(seq):
+            self._wake.set()
+            if self.on_transfer_done is not None:
+                self.on_transfer_done(seq)
 
     def _transfer_done(self, seq: Sequence) -> None:
         if self.scheduler.finish_transfer(seq):
@@ -209,6 +248,8 @@ class Engine:
             self.steps += 1
             metrics.steps += 1
             metrics.computed_prefill_tokens += batch.prefill_tokens
+            if self.kv_transfer is not None:
+                self.kv_transfer.store(batch, sched)
             sched.complete(batch, clock())
             self._flush_events()
             if duration <= 0 and clock() - last_yield >= yield_every:

@@ -26,7 +26,7 @@ class MockerBackend(Backend):
     known_flags = frozenset({
         "num-gpu-blocks", "max-num-seqs", "max-num-batched-tokens", "max-model-len",
         "enable-prefix-caching", "speedup-ratio", "perf-table", "startup-time", "seed",
-        "kv-transfer-bandwidth-gbps", "kv-bytes-per-token", "kv-events-topic",
+        "kv-transfer-bandwidth-gbps", "kv-bytes-per-token", "kv-events-topic", "kv-transfer",
     })
 
     def launch(self, ctx: WorkerContext) -> WorkerLaunch:

@@ -73,8 +73,9 @@ class EngineMetrics:
         model_name: str,
         gauges: dict[str, tuple[str, float]],
         info: dict[str, str] | None = None,
+        counters: dict[str, tuple[str, float]] | None = None,
     ) -> str:
-        """Prometheus text exposition; ``gauges`` maps name -> (help, value)."""
+        """Prometheus text exposition; ``gauges`` and ``counters`` map name -> (help, value)."""
         base = f'engine="0",model_name={_label(model_name)}'
         lines: list[str] = []
 
@@ -111,6 +112,8 @@ class EngineMetrics:
         counter("vllm:generation_tokens_total", "Number of generation tokens processed.", self.generation_tokens)
         counter("mocker:computed_prefill_tokens_total", "Prompt tokens computed by prefill steps (cache hits and KV transfers excluded).", self.computed_prefill_tokens)
         counter("mocker:engine_steps_total", "Engine steps run.", self.steps)
+        for name, (help_, value) in (counters or {}).items():
+            counter(name, help_, value)
         lines.append(
             "# HELP vllm:request_success_total Count of successfully processed requests.\n"
             "# TYPE vllm:request_success_total counter\n"
@@ -125,7 +128,7 @@ class EngineMetrics:
         histogram("vllm:request_queue_time_seconds", "Histogram of time spent in WAITING phase for request.", self.queue_time)
         histogram("vllm:request_prompt_tokens", "Number of prefill tokens processed.", self.request_prompt_tokens)
         histogram("vllm:request_generation_tokens", "Number of generation tokens processed.", self.request_generation_tokens)
-        histogram("mocker:kv_transfer_seconds", "Simulated KV transfer time of remotely prefilled requests.", self.kv_transfer_seconds)
+        histogram("mocker:kv_transfer_seconds", "KV transfer time of remotely prefilled requests (modelled; measured with --kv-transfer nixl).", self.kv_transfer_seconds)
         return "\n".join(lines) + "\n"
 
 

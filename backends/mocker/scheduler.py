@@ -25,7 +25,8 @@ Requests arriving with remote-prefill parameters (disaggregated decode) skip
 the compute: they get blocks for the whole prompt, are parked in
 ``transferring`` while the KV transfer is simulated, and join the running
 batch through :meth:`Scheduler.finish_transfer` with only the last prompt
-token left to compute (so their next step is a cheap decode step).
+token left to compute (so their next step is a cheap decode step), or through
+:meth:`Scheduler.fail_transfer` with their whole uncached prompt left to compute.
 """
 
 from __future__ import annotations
@@ -237,6 +238,11 @@ class Scheduler:
                 )
             )
 
+    def block_hashes(self, seq: Sequence, nblocks: int) -> list[int]:
+        """The chained hashes of ``seq``'s blocks, computed up to at least its first ``nblocks``."""
+        self._ensure_hashes(seq, nblocks)
+        return seq.hashes
+
     def _preempt(self, seq: Sequence) -> None:
         self.kv.free(seq.blocks)
         seq.blocks = []
@@ -336,6 +342,19 @@ class Scheduler:
         seq.num_computed = len(seq.all_ids) - 1
         if self.kv.enable_prefix_caching:
             self._cache_blocks(seq, seq.num_computed)
+        self.running.append(seq)
+        return True
+
+    def fail_transfer(self, seq: Sequence) -> bool:
+        """The KV transfer of ``seq`` failed: it joins the running batch and computes its prompt here.
+
+        Its blocks stay allocated; only the tokens its own prefix cache covered count as
+        computed. It is not sent for a transfer again, even after a preemption.
+        """
+        if seq.finished or self.transferring.pop(id(seq), None) is None:
+            return False
+        seq.remote_done = True
+        seq.num_computed = seq.num_hit_tokens
         self.running.append(seq)
         return True
 

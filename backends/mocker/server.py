@@ -5,6 +5,8 @@ Routes
 - ``GET /v1/models``, ``GET /health`` (503 while starting), ``GET /metrics``
 - ``GET /version``, ``GET|POST /ping``, ``GET /kv_event_sources`` (as vLLM)
 - ``POST /kv_transfer/release`` (prefill role: drop a disaggregation lease)
+- ``GET /kv_transfer/nixl_metadata`` (with ``--kv-transfer nixl``: the NIXL
+  agent metadata and pool layout a decode worker reads blocks with)
 - ``GET /debug/kv`` (cached block hashes and pool state, for tests),
   ``POST /reset_prefix_cache`` (emits ``AllBlocksCleared``; 409 while blocks are in use)
 """
@@ -24,7 +26,7 @@ import msgspec
 import xxhash
 from aiohttp import web
 
-from . import disagg
+from . import disagg, nixl_transfer
 from .config import READY_MARKER, MockerConfig
 from .engine import Engine
 from .kv_cache import KvCache
@@ -86,6 +88,8 @@ class MockerServer:
         r.add_route("*", "/ping", self.health)
         r.add_get("/kv_event_sources", self.kv_event_sources)
         r.add_post(disagg.RELEASE_PATH, self.kv_release)
+        if self.engine.kv_transfer is not None:
+            r.add_get(nixl_transfer.METADATA_PATH, self.nixl_metadata)
         r.add_get("/debug/kv", self.debug_kv)
         r.add_post("/reset_prefix_cache", self.reset_prefix_cache)
         return app
@@ -151,7 +155,12 @@ class MockerServer:
             "num_gpu_blocks": str(self.cfg.num_gpu_blocks),
             "enable_prefix_caching": str(self.cfg.enable_prefix_caching),
         }
-        text = self.metrics.render(self.model_name, gauges, info)
+        counters = None
+        transfer = self.engine.kv_transfer
+        if transfer is not None:
+            gauges.update(transfer.gauges())
+            counters = transfer.counters()
+        text = self.metrics.render(self.model_name, gauges, info, counters)
         return web.Response(body=text.encode(), headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})
 
     async def kv_event_sources(self, request: web.Request) -> web.Response:
@@ -205,6 +214,10 @@ class MockerServer:
         if not self.engine.release_lease(rid):
             raise ApiError(404, f"no blocks are held for request {rid!r}", param="remote_request_id")
         return _json({"released": rid})
+
+    async def nixl_metadata(self, request: web.Request) -> web.Response:
+        assert self.engine.kv_transfer is not None
+        return _json(self.engine.kv_transfer.metadata(self.engine_id))
 
     # -------------------------------------------------------------- generation
     async def chat_completions(self, request: web.Request) -> web.StreamResponse:
@@ -457,6 +470,8 @@ class MockerServer:
         for task in list(self._background):
             task.cancel()
         await self.notifier.close()
+        if self.engine.kv_transfer is not None:
+            await self.engine.kv_transfer.close()
 
 
 def _json(data: Any, status: int = 200) -> web.Response:
@@ -490,7 +505,9 @@ def bind_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
-def build_engine(cfg: MockerConfig, tokenizer: MockerTokenizer, perf: PerfModel, publisher: Any = None) -> Engine:
+def build_engine(
+    cfg: MockerConfig, tokenizer: MockerTokenizer, perf: PerfModel, publisher: Any = None, kv_transfer: Any = None
+) -> Engine:
     kv = KvCache(cfg.num_gpu_blocks, cfg.block_size, enable_prefix_caching=cfg.enable_prefix_caching)
     vocab = GenerationVocab(tokenizer.generation_ids, tokenizer.token_text, tokenizer.eos_token_id)
     sched = Scheduler(
@@ -508,11 +525,18 @@ def build_engine(cfg: MockerConfig, tokenizer: MockerTokenizer, perf: PerfModel,
         kv_bytes_per_token=cfg.kv_bytes_per_token,
         kv_transfer_bandwidth_gbps=cfg.kv_transfer_bandwidth_gbps,
         lease_seconds=disagg.LEASE_SECONDS,
+        kv_transfer=kv_transfer,
     )
 
 
-async def serve(cfg: MockerConfig, sock: socket.socket, tokenizer: MockerTokenizer, perf: PerfModel) -> None:
-    """Run until SIGTERM/SIGINT; raises :class:`StartupError` for setup failures."""
+async def serve(
+    cfg: MockerConfig, sock: socket.socket, tokenizer: MockerTokenizer, perf: PerfModel, kv_transfer: Any = None
+) -> None:
+    """Run until SIGTERM/SIGINT; raises :class:`StartupError` for setup failures.
+
+    ``kv_transfer`` is the :class:`~.nixl_transfer.NixlKvTransfer` of ``--kv-transfer nixl``;
+    it is closed when the server stops.
+    """
     loop = asyncio.get_running_loop()
     publisher = None
     if cfg.kv_events_endpoint:
@@ -524,7 +548,7 @@ async def serve(cfg: MockerConfig, sock: socket.socket, tokenizer: MockerTokeniz
             )
         except KvEventsError as exc:
             raise StartupError(str(exc)) from None
-    engine = build_engine(cfg, tokenizer, perf, publisher)
+    engine = build_engine(cfg, tokenizer, perf, publisher, kv_transfer)
     server = MockerServer(cfg, tokenizer, engine, publisher)
     server.port = sock.getsockname()[1]
     runner = web.AppRunner(
@@ -540,9 +564,9 @@ async def serve(cfg: MockerConfig, sock: socket.socket, tokenizer: MockerTokeniz
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     log.info(
-        "mocker %s: role=%s blocks=%d x %d tokens, speedup=%g, prefix caching %s",
+        "mocker %s: role=%s blocks=%d x %d tokens, speedup=%g, prefix caching %s, kv transfer %s",
         cfg.served_model_name, cfg.role, cfg.num_gpu_blocks, cfg.block_size, cfg.speedup_ratio,
-        "on" if cfg.enable_prefix_caching else "off",
+        "on" if cfg.enable_prefix_caching else "off", cfg.kv_transfer,
     )
     if cfg.startup_time > 0:
         try:
