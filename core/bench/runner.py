@@ -129,34 +129,42 @@ class _PointRun:
         self.t0 = 0.0
         self.cap = asyncio.Semaphore(point.max_concurrency) if point.max_concurrency else None
 
-    def _take(self) -> bool:
-        """Reserve one request from the budget (count and time)."""
-        if self.num_requests is not None and self.issued >= self.num_requests:
-            return False
-        if self.duration is not None and time.perf_counter() - self.t0 >= self.duration:
-            return False
-        self.issued += 1
-        self.stats.issued += 1
-        return True
+    def _time_left(self) -> bool:
+        return self.duration is None or time.perf_counter() - self.t0 < self.duration
 
-    async def _session(self, sess: Session, scheduled: float | None) -> None:
-        """Send a session's turns one after the other; the first turn is already reserved."""
+    def _take(self, sess: Session) -> int:
+        """Reserve a session's requests from the budget: all its turns when they fit, else what
+        is left. A conversation, once started, is never cut short by another one starting.
+        Returns how many turns may be sent (0: the budget or the time is used up)."""
+        if not self._time_left():
+            return 0
+        turns = len(sess.turns)
+        if self.num_requests is not None:
+            turns = min(turns, self.num_requests - self.issued)
+            if turns <= 0:
+                return 0
+        self.issued += turns
+        return turns
+
+    async def _session(self, sess: Session, scheduled: float | None, turns: int) -> None:
+        """Send the first ``turns`` turns of a session one after the other (already reserved)."""
         if self.cap is not None:
             async with self.cap:
-                await self._turns(sess, scheduled)
+                await self._turns(sess, scheduled, turns)
         else:
-            await self._turns(sess, scheduled)
+            await self._turns(sess, scheduled, turns)
 
-    async def _turns(self, sess: Session, scheduled: float | None) -> None:
+    async def _turns(self, sess: Session, scheduled: float | None, reserved: int) -> None:
         history: list[dict] = []
         history_text = ""
         history_tokens: int | None = 0
-        for k, turn in enumerate(sess.turns):
+        for k, turn in enumerate(sess.turns[:reserved]):
             if k > 0:
                 if self.settings.turn_delay > 0:
                     await asyncio.sleep(self.settings.turn_delay)
-                if not self._take():
+                if not self._time_left():
                     return
+            self.stats.issued += 1
             rec = RequestRecord(index=len(self.records), session=sess.id, turn=k,
                                 scheduled=scheduled if k == 0 else None)
             if self.client.endpoint == "chat":
@@ -212,9 +220,10 @@ class _PointRun:
     async def _closed_loop(self, sessions: Iterator[Session], concurrency: int) -> None:
         async def user() -> None:
             for sess in sessions:
-                if not self._take():
+                turns = self._take(sess)
+                if not turns:
                     return
-                await self._session(sess, None)
+                await self._session(sess, None, turns)
 
         tasks = [asyncio.create_task(user()) for _ in range(concurrency)]
         await self._drain(tasks)
@@ -238,9 +247,10 @@ class _PointRun:
             delay = self.t0 + t_sched - time.perf_counter()
             if delay > 0:
                 await asyncio.sleep(delay)
-            if not self._take():
+            turns = self._take(sess)
+            if not turns:
                 break
-            task = asyncio.create_task(self._session(sess, t_sched))
+            task = asyncio.create_task(self._session(sess, t_sched, turns))
             tasks.add(task)
             task.add_done_callback(tasks.discard)
         await self._drain(list(tasks))
