@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections import OrderedDict
 from pathlib import Path
 from typing import Any, Protocol, Sequence
 
@@ -115,6 +116,8 @@ def chatml(messages: list[dict]) -> str:
 
 
 _SPECIALS = ("<unk>", "<s>", "</s>", "<|im_start|>", "<|im_end|>")
+CHUNK_CHARS = 1024  # BuiltinTokenizer.encode caches chunks of about this many characters
+CHUNK_CACHE_SIZE = 4096
 _PIECE = re.compile(r" ?[A-Za-z]+| ?[0-9]+| ?[^\sA-Za-z0-9]+|\s+(?!\S)|\s+")
 
 
@@ -142,6 +145,7 @@ class BuiltinTokenizer:
         self._special_re = re.compile("|".join(re.escape(s) for s in self.specials))
         self.generation_ids = [self.word_ids[w] for w in words if w.startswith(" ")]
         self.token_text = {i: self.words[i - word_offset] for i in self.generation_ids}
+        self._chunk_cache: OrderedDict[str, list[int]] = OrderedDict()
 
     def _encode_plain(self, text: str, out: list[int]) -> None:
         word_ids = self.word_ids
@@ -154,7 +158,40 @@ class BuiltinTokenizer:
                 out.extend(off + b for b in piece.encode("utf-8"))
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        """Token ids for ``text``; special-token strings map to their ids."""
+        """Token ids for ``text``; special-token strings map to their ids.
+
+        Long texts are encoded in chunks of about :data:`CHUNK_CHARS` characters, cut only at a
+        single space between two non-space characters. Every piece ends before such a space
+        and the next one starts at it, and no special token contains a space, so the ids are
+        exactly those of encoding the whole text. Chunks are cached (LRU): prompts sharing a
+        long prefix (system prompts, documents, conversation history) re-encode only the
+        chunks after the point where they differ.
+        """
+        n = len(text)
+        if n <= 2 * CHUNK_CHARS:
+            return self._encode_text(text)
+        out: list[int] = []
+        cache = self._chunk_cache
+        start = 0
+        while start < n:
+            cut = text.find(" ", start + CHUNK_CHARS) if start + CHUNK_CHARS < n else -1
+            while cut != -1 and (text[cut - 1].isspace() or cut + 1 >= n or text[cut + 1].isspace()):
+                cut = text.find(" ", cut + 1)
+            end = n if cut == -1 else cut
+            chunk = text[start:end]
+            ids = cache.get(chunk)
+            if ids is None:
+                ids = self._encode_text(chunk)
+                cache[chunk] = ids
+                if len(cache) > CHUNK_CACHE_SIZE:
+                    cache.popitem(last=False)
+            else:
+                cache.move_to_end(chunk)
+            out.extend(ids)
+            start = end
+        return out
+
+    def _encode_text(self, text: str) -> list[int]:
         out: list[int] = []
         pos = 0
         for m in self._special_re.finditer(text):

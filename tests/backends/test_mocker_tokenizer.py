@@ -48,3 +48,21 @@ def test_hf_tokenizer_errors(tmp_path):
     (tmp_path / "tokenizer.json").write_text("{}")
     with pytest.raises(TokenizerError):
         HfTokenizer(tmp_path)
+
+
+def test_builtin_chunked_encoding_equals_encoding_the_whole_text():
+    """Long texts are encoded chunk by chunk (cached); the ids must be exactly the same."""
+    import random
+
+    from dynamo.core.tokenizer import BuiltinTokenizer
+
+    tok = BuiltinTokenizer()
+    rng = random.Random(7)
+    parts = ["the", " ", "  ", "\n", " quick", "42", "!?", "<|im_start|>", "<|im_end|>", "é", "\t", "x", ".", "ab "]
+    for _ in range(200):
+        text = "".join(rng.choice(parts) for _ in range(rng.randint(200, 3000)))
+        assert tok.encode(text) == tok._encode_text(text)
+    shared = "".join(rng.choice(parts) for _ in range(3000))
+    for tail in (" one", " two", "<|im_end|>", ""):  # prompts sharing a prefix reuse its cached chunks
+        assert tok.encode(shared + tail) == tok._encode_text(shared + tail)
+    assert tok.decode(tok.encode(shared)) == shared.replace("<|im_start|>", "").replace("<|im_end|>", "")
