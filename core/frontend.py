@@ -21,18 +21,18 @@ import random
 import signal
 import sys
 import time
-import uuid
 from collections import defaultdict
 from dataclasses import dataclass, field
 
-import aiohttp
 import msgspec
 from aiohttp import web
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from aiohttp.http import HttpVersion11
 
 from dynamo.core.disagg import PROTOCOLS, EarlyFinish, strip_foreign
 from dynamo.core.discovery import DEFAULT_TTL, DiscoveryWatcher, Instance, connect
 from dynamo.core.hashing import chain_block_hashes
+from dynamo.core.metrics import Counter, Gauge, Histogram, MetricSet
+from dynamo.core.upstream import UpstreamError, UpstreamPool, UpstreamResponse
 
 MAX_BODY = 32 * 2**20
 SUSPECT_SECONDS = 2.0
@@ -40,6 +40,9 @@ _HOP_HEADERS = {"content-length", "transfer-encoding", "connection", "keep-alive
 _json_encode = msgspec.json.Encoder().encode
 _json_decode = msgspec.json.Decoder().decode
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+# markers of the SSE events that need a closer look; any other event is a plain content chunk
+_SPECIAL_EVENTS = (b"data: [DONE]", b'data: {"error"', b'"usage":{')
+_WRITE_HIGH_WATER = 256 * 1024  # client-side buffer above which the worker stream is paused
 
 
 class ApiError(Exception):
@@ -133,7 +136,7 @@ class Attempt:
     first_token_at: float | None = None
     last_token_at: float | None = None
     chunks: int = 0
-    events: list[bytes] = field(default_factory=list)  # raw chunks sent, parsed only to migrate
+    events: list[bytes] = field(default_factory=list)  # content events sent, as received; parsed only to migrate
     usage: dict | None = None
     finished: bool = False
     tried: set[str] = field(default_factory=set)
@@ -144,14 +147,120 @@ class Attempt:
 
     def generated_text(self) -> str:
         pieces = []
-        for event in self.events:
-            try:
-                choice = _json_decode(event[5:])["choices"][0]
-            except (msgspec.DecodeError, KeyError, IndexError, TypeError):
-                continue
-            piece = (choice.get("delta") or {}).get("content") if "delta" in choice else choice.get("text")
-            pieces.append(piece or "")
+        for blob in self.events:
+            for event in blob.split(b"\n\n"):
+                if not event.startswith(b"data:"):
+                    continue
+                try:
+                    choice = _json_decode(event[5:])["choices"][0]
+                except (msgspec.DecodeError, KeyError, IndexError, TypeError):
+                    continue
+                piece = (choice.get("delta") or {}).get("content") if "delta" in choice else choice.get("text")
+                pieces.append(piece or "")
         return "".join(pieces)
+
+
+class StreamRelay:
+    """Forwards one worker's SSE stream to the client: whole events only, each read accounted.
+
+    It is the worker response's body sink, fed straight from the connection's protocol
+    callback. Until the client response is ready, whole events are held; after ``go_direct``
+    each read is written to the client's transport at once, as one HTTP chunk, with no task
+    switch in between. The events that finish a stream are held again, so that the last
+    write carries the chunked terminator too.
+    """
+
+    def __init__(self, frontend: Frontend, attempt: Attempt, upstream: UpstreamResponse):
+        self.frontend = frontend
+        self.attempt = attempt
+        self.upstream = upstream
+        self.partial = b""  # an event not yet complete
+        self.held: list[bytes] = []
+        self.ended = False  # the worker's stream is over: finished, complete or broken
+        self.error: Exception | None = None
+        self.client_gone = False
+        self._transport: asyncio.Transport | None = None
+        self._chunked = True
+        self._waiter: asyncio.Future | None = None
+        self._paused = False
+
+    # --------------------------------------------------------------- body sink
+
+    def feed(self, data: bytes) -> None:
+        if self.ended:
+            return
+        if self.partial:
+            data = self.partial + data
+        cut = data.rfind(b"\n\n") + 2
+        if cut == 1:
+            self.partial = data
+            return
+        if cut < len(data):
+            self.partial, data = data[cut:], data[:cut]
+        else:
+            self.partial = b""
+        out = self.frontend._account(self.attempt, data)
+        if self.attempt.finished or self._transport is None:
+            self.held.append(out)
+            if self.attempt.finished:
+                self.ended = True
+            self._wake()
+        else:
+            self._write(out)
+
+    def finish(self, error: Exception | None) -> None:
+        if not self.ended:
+            self.ended, self.error = True, error
+            self._wake()
+
+    # --------------------------------------------------------------- used by the request handler
+
+    async def wait(self) -> None:
+        """Until events are held or the stream is over."""
+        if self.held or self.ended:
+            return
+        self._waiter = asyncio.get_running_loop().create_future()
+        try:
+            await self._waiter
+        finally:
+            self._waiter = None
+
+    def take(self) -> bytes:
+        held, self.held = self.held, []
+        return b"".join(held)
+
+    def go_direct(self, transport: asyncio.Transport | None, chunked: bool) -> None:
+        """Write every further read to ``transport`` as it arrives."""
+        self._transport, self._chunked = transport, chunked
+        if transport is None:
+            self.client_gone = self.ended = True
+        elif self.held:
+            self._write(self.take())
+
+    def _wake(self) -> None:
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def _write(self, data: bytes) -> None:
+        transport = self._transport
+        if transport.is_closing():
+            self.client_gone = self.ended = True
+            self._wake()
+            return
+        transport.write(b"%x\r\n%s\r\n" % (len(data), data) if self._chunked else data)
+        if not self._paused and transport.get_write_buffer_size() > _WRITE_HIGH_WATER:
+            self._paused = True
+            self.upstream.pause_reading()
+            asyncio.ensure_future(self._resume_when_drained(transport))
+
+    async def _resume_when_drained(self, transport: asyncio.Transport) -> None:
+        # a slow client: the worker's stream waits (TCP backpressure) instead of piling up here
+        while not self.ended and not transport.is_closing() \
+                and transport.get_write_buffer_size() > _WRITE_HIGH_WATER // 4:
+            await asyncio.sleep(0.005)
+        self._paused = False
+        self.upstream.resume_reading()
 
 
 class Frontend:
@@ -162,32 +271,33 @@ class Frontend:
         self.model = args.model
         self.picker = WorkerPicker(args.router_mode if args.router_mode != "kv" else "round_robin")
         self.protocol = PROTOCOLS[args.disagg_protocol]()
+        self.kv_routing = args.router_mode == "kv"
         self.watcher: DiscoveryWatcher | None = None
+        self.router_client = None  # set in start() for router mode kv (core/router_client.py)
         self.nc = None
-        self.session: aiohttp.ClientSession | None = None
+        self.upstream: UpstreamPool | None = None
         self.tokenizer = None
         self.suspect: dict[str, float] = {}
-        registry = self.registry = CollectorRegistry()
-        self.m_requests = Counter("dynamo_frontend_requests", "Requests by endpoint, type and status",
-                                  ["endpoint", "request_type", "status"], registry=registry)
-        self.m_inflight = Gauge("dynamo_frontend_inflight_requests", "Requests in flight", registry=registry)
-        self.m_ttft = Histogram("dynamo_frontend_time_to_first_token_seconds", "Time to first token",
-                                buckets=_LATENCY_BUCKETS, registry=registry)
-        self.m_itl = Histogram("dynamo_frontend_inter_token_latency_seconds", "Gap between streamed chunks",
-                               buckets=_LATENCY_BUCKETS, registry=registry)
-        self.m_duration = Histogram("dynamo_frontend_request_duration_seconds", "Request duration",
-                                    buckets=_LATENCY_BUCKETS, registry=registry)
-        self.m_input = Counter("dynamo_frontend_input_sequence_tokens", "Prompt tokens", registry=registry)
-        self.m_output = Counter("dynamo_frontend_output_sequence_tokens", "Generated tokens", registry=registry)
-        self.m_errors = Counter("dynamo_frontend_errors", "Errors by type", ["type"], registry=registry)
-        self.m_retries = Counter("dynamo_frontend_retries", "Requests retried on another worker before their first token",
-                                 registry=registry)
-        self.m_migrations = Counter("dynamo_frontend_migrations", "Streams moved to another worker midway",
-                                    registry=registry)
-        self.m_fallbacks = Counter("dynamo_frontend_router_fallbacks", "Router did not answer in time: round-robin used",
-                                   registry=registry)
-        self.m_disagg = Counter("dynamo_frontend_disaggregated_requests", "Requests by prefill path",
-                                ["path"], registry=registry)
+        metrics = self.metrics_set = MetricSet()
+        self.m_requests = metrics.add(Counter("dynamo_frontend_requests", "Requests by endpoint, type and status",
+                                              ["endpoint", "request_type", "status"]))
+        self.m_inflight = metrics.add(Gauge("dynamo_frontend_inflight_requests", "Requests in flight"))
+        self.m_ttft = metrics.add(Histogram("dynamo_frontend_time_to_first_token_seconds", "Time to first token",
+                                            _LATENCY_BUCKETS))
+        self.m_itl = metrics.add(Histogram("dynamo_frontend_inter_token_latency_seconds", "Gap between streamed chunks",
+                                           _LATENCY_BUCKETS))
+        self.m_duration = metrics.add(Histogram("dynamo_frontend_request_duration_seconds", "Request duration",
+                                                _LATENCY_BUCKETS))
+        self.m_input = metrics.add(Counter("dynamo_frontend_input_sequence_tokens", "Prompt tokens"))
+        self.m_output = metrics.add(Counter("dynamo_frontend_output_sequence_tokens", "Generated tokens"))
+        self.m_errors = metrics.add(Counter("dynamo_frontend_errors", "Errors by type", ["type"]))
+        self.m_retries = metrics.add(Counter("dynamo_frontend_retries",
+                                             "Requests retried on another worker before their first token"))
+        self.m_migrations = metrics.add(Counter("dynamo_frontend_migrations", "Streams moved to another worker midway"))
+        self.m_fallbacks = metrics.add(Counter("dynamo_frontend_router_fallbacks",
+                                               "Router did not answer in time: round-robin used"))
+        self.m_disagg = metrics.add(Counter("dynamo_frontend_disaggregated_requests", "Requests by prefill path",
+                                            ["path"]))
 
     # --------------------------------------------------------------- lifecycle
 
@@ -195,21 +305,30 @@ class Frontend:
         self.nc = await connect(self.nats_url, "dynamo-frontend", timeout=10.0)
         self.watcher = DiscoveryWatcher(self.nc, self.namespace, self.args.discovery_ttl)
         await self.watcher.start()
-        self.session = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=60, enable_cleanup_closed=True),
-            trust_env=False, timeout=aiohttp.ClientTimeout(total=None, sock_connect=5),
-            json_serialize=lambda o: _json_encode(o).decode(),
-        )
-        if self.args.router_mode == "kv" or self.args.disagg_threshold:
+        self.upstream = UpstreamPool(connect_timeout=5.0)
+        if self.args.router_mode == "kv":
+            from dynamo.core.router_client import EmbeddedRouter, NatsRouterClient
+
+            if self.args.router_embedded:
+                embedded = EmbeddedRouter(self.nc, self.namespace, self.watcher, self.args.block_size,
+                                          self.args.overlap_weight, self.args.temperature, not self.args.no_kv_events,
+                                          self.args.approx_ttl)
+                await embedded.start()
+                self.router_client = embedded
+            else:
+                self.router_client = NatsRouterClient(self.nc, self.namespace)
+        if self.kv_routing or self.args.disagg_threshold:
             from dynamo.core.tokenizer import load_tokenizer
 
             self.tokenizer = load_tokenizer(self.args.model_path)
 
     async def stop(self, app: web.Application) -> None:
+        if self.router_client is not None:
+            await self.router_client.close()
         if self.watcher:
             await self.watcher.close()
-        if self.session:
-            await self.session.close()
+        if self.upstream:
+            await self.upstream.close()
         if self.nc:
             try:
                 await self.nc.close()
@@ -246,10 +365,13 @@ class Frontend:
     def pool(self, roles: tuple[str, ...]) -> list[Instance]:
         if self.watcher is None:
             return []
-        now = time.monotonic()
         ready = [i for i in self.watcher.instances.values() if i.role in roles]
-        healthy = [i for i in ready if self.suspect.get(i.key, 0) <= now]
-        return sorted(healthy or ready, key=lambda i: i.key)
+        if self.suspect:
+            now = time.monotonic()
+            self.suspect = {key: until for key, until in self.suspect.items() if until > now}
+            ready = [i for i in ready if i.key not in self.suspect] or ready
+        ready.sort(key=_instance_key)
+        return ready
 
     def serving_workers(self) -> list[Instance]:
         return self.pool(("agg", "decode"))
@@ -273,7 +395,7 @@ class Frontend:
         return web.json_response({"status": "live"})
 
     async def metrics(self, request: web.Request) -> web.Response:
-        return web.Response(body=generate_latest(self.registry), content_type="text/plain", charset="utf-8")
+        return web.Response(body=self.metrics_set.render(), content_type="text/plain", charset="utf-8")
 
     async def models(self, request: web.Request) -> web.Response:
         names = sorted({w.data.get("model") for w in self.serving_workers() if w.data.get("model")})
@@ -289,7 +411,7 @@ class Frontend:
     # --------------------------------------------------------------- generation
 
     async def _generate(self, request: web.Request, path: str, field_name: str) -> web.StreamResponse:
-        request_id = request.headers.get("x-request-id") or uuid.uuid4().hex
+        request_id = request.headers.get("x-request-id") or os.urandom(16).hex()
         if self.args.api_key and request.headers.get("Authorization") != f"Bearer {self.args.api_key}":
             raise ApiError(401, "invalid or missing API key", "authentication_error", code="invalid_api_key")
         try:
@@ -315,7 +437,8 @@ class Frontend:
             self.m_inflight.dec()
             self.m_requests.labels(path, "stream" if body.get("stream") else "unary", status).inc()
             self.m_duration.observe(time.perf_counter() - attempt.started)
-            await self._router_event("finished", attempt)
+            if self.kv_routing:
+                await self._router_event("finished", attempt)
 
     async def _serve(self, request: web.Request, attempt: Attempt) -> web.StreamResponse:
         try:
@@ -436,31 +559,17 @@ class Frontend:
         return self.picker.pick(workers)
 
     async def _ask_router(self, attempt: Attempt, pool: str, account: bool = True) -> dict | None:
-        from dynamo.core.router import route_subject
-
-        payload = _json_encode({"request_id": attempt.request_id, "hashes": self._hashes(attempt), "pool": pool,
-                                "account": account})
-        try:
-            msg = await self.nc.request(route_subject(self.namespace), payload, timeout=self.args.router_timeout)
-            decision = _json_decode(msg.data)
-        except Exception:  # timeout, no responders, connection trouble: route locally
+        decision = None
+        if self.router_client is not None:
+            decision = await self.router_client.route(attempt.request_id, self._hashes(attempt), pool, account,
+                                                      self.args.router_timeout)
+        if decision is None:  # no answer in time, no router, or it could not decide: route locally
             self.m_fallbacks.inc()
-            return None
-        if "error" in decision:
-            self.m_fallbacks.inc()
-            return None
         return decision
 
     async def _router_event(self, event: str, attempt: Attempt) -> None:
-        if self.args.router_mode != "kv" or self.nc is None:
-            return
-        from dynamo.core.router import load_subject
-
-        try:
-            await self.nc.publish(load_subject(self.namespace),
-                                  _json_encode({"event": event, "request_id": attempt.request_id}))
-        except Exception:
-            pass
+        if self.router_client is not None:
+            await self.router_client.event(event, attempt.request_id)
 
     # --------------------------------------------------------------- disaggregation
 
@@ -504,7 +613,7 @@ class Frontend:
                 return self.protocol.decode_fields(attempt.body, None, prefill_body, attempt.path)
             try:
                 answer = await self._post_prefill(worker, attempt, prefill_body)
-            except (aiohttp.ClientError, asyncio.TimeoutError, msgspec.DecodeError):
+            except (UpstreamError, asyncio.TimeoutError, msgspec.DecodeError):
                 self.suspect[worker.key] = time.monotonic() + SUSPECT_SECONDS
                 continue
             if answer is None:
@@ -514,10 +623,9 @@ class Frontend:
 
     async def _post_prefill(self, worker: Instance, attempt: Attempt, body: dict) -> dict | None:
         """POST the prefill request; None on a worker error (5xx), ApiError on a client error (4xx)."""
-        async with self.session.post(worker.url + attempt.path, data=_json_encode(body),
-                                     headers={"x-request-id": attempt.request_id,
-                                              "Content-Type": "application/json"}) as resp:
-            data = await resp.read()
+        resp = await self.upstream.request(worker.url, attempt.path, _json_encode(body),
+                                           {"x-request-id": attempt.request_id, "Content-Type": "application/json"})
+        data = await resp.read()
         if resp.status >= 500:
             return None
         if resp.status >= 400:
@@ -530,20 +638,22 @@ class Frontend:
                      response: web.StreamResponse | None) -> web.StreamResponse:
         """Send to one worker. Raises UpstreamFailed when nothing reached the client yet; returns the
         client response otherwise (``attempt.finished`` says whether the stream completed)."""
-        headers = {"x-request-id": attempt.request_id, "Content-Type": "application/json"}
         try:
-            upstream_cm = self.session.post(worker.url + attempt.path, data=body, headers=headers)
-            upstream = await upstream_cm.__aenter__()
-        except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
+            upstream = await self.upstream.request(worker.url, attempt.path, body, {
+                "x-request-id": attempt.request_id, "Content-Type": "application/json"})
+        except UpstreamError as exc:
             raise UpstreamFailed(str(exc)) from None
         try:
             if upstream.status >= 500 and response is None:
-                await upstream.read()
+                try:
+                    await upstream.read()
+                except UpstreamError:
+                    pass
                 raise UpstreamFailed(f"status {upstream.status}")
-            if not upstream.headers.get("Content-Type", "").startswith("text/event-stream"):
+            if not upstream.content_type.startswith("text/event-stream"):
                 try:
                     data = await upstream.read()
-                except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+                except UpstreamError as exc:
                     raise UpstreamFailed(str(exc)) from None
                 if response is not None:  # a continuation answered with an error
                     await self._stream_error(response, _error_message(data))
@@ -551,52 +661,74 @@ class Frontend:
                     return response
                 self._count_unary(attempt, data, upstream.status)
                 attempt.finished = True
-                out = {k: v for k, v in upstream.headers.items() if k.lower() not in _HOP_HEADERS}
+                out = {k: v for k, v in upstream.headers.items() if k not in _HOP_HEADERS}
                 out["x-request-id"] = attempt.request_id
                 return web.Response(body=data, status=upstream.status, headers=out)
             return await self._pipe_stream(request, attempt, upstream, response)
         finally:
-            await upstream_cm.__aexit__(None, None, None)
+            upstream.close()  # a no-op once released; otherwise the worker sees us go and stops
 
-    async def _pipe_stream(self, request: web.Request, attempt: Attempt, upstream: aiohttp.ClientResponse,
+    async def _pipe_stream(self, request: web.Request, attempt: Attempt, upstream: UpstreamResponse,
                            response: web.StreamResponse | None) -> web.StreamResponse:
-        buffer = b""
-        content = upstream.content
-        try:
-            while True:
-                chunk = await content.readany()
-                if not chunk:
-                    break
-                buffer += chunk
-                *events, buffer = buffer.split(b"\n\n")
-                out = []
-                for event in events:
-                    if event:
-                        out.append(self._observe(attempt, event))
-                if not out:
-                    continue
-                if response is None:
-                    response = web.StreamResponse(status=upstream.status, headers={
-                        "Content-Type": "text/event-stream", "Cache-Control": "no-cache",
-                        "x-request-id": attempt.request_id})
-                    await response.prepare(request)
-                await response.write(b"".join(out))
-                if attempt.finished:
-                    break
-        except (aiohttp.ClientError, asyncio.TimeoutError):
-            pass  # broken upstream: the caller migrates or ends the stream with an error
+        relay = StreamRelay(self, attempt, upstream)
+        upstream.stream(relay)
         if response is None:
-            raise UpstreamFailed("stream ended before its first event")
+            await relay.wait()
+            if not relay.held:
+                raise UpstreamFailed(f"stream ended before its first event: {relay.error or 'no event'}")
+            response = web.StreamResponse(status=upstream.status, headers={
+                "Content-Type": "text/event-stream", "Cache-Control": "no-cache", "x-request-id": attempt.request_id})
+            if request.version >= HttpVersion11:
+                response.enable_chunked_encoding()
+            await response.prepare(request)
+        if not relay.ended:
+            first = relay.take()
+            if first:
+                await response.write(first)  # the headers go out with it, in one write
+            relay.go_direct(request.transport, response.chunked)
+            while not relay.ended:
+                await relay.wait()
+        if relay.client_gone:
+            return response
         if attempt.finished:
-            await response.write_eof()
+            upstream.release()
+            await response.write_eof(relay.take())
+        elif relay.held:  # events of a stream that broke before it was relayed directly
+            await response.write(relay.take())
         return response
 
-    def _observe(self, attempt: Attempt, event: bytes) -> bytes:
-        """Account one SSE event and return the bytes to forward.
+    def _account(self, attempt: Attempt, events: bytes) -> bytes:
+        """Account whole SSE events received together; return the bytes to forward.
 
-        The hot path never parses JSON: a content chunk is counted and kept as bytes (parsed
-        only if the stream must migrate); only usage and error events are decoded.
+        The hot path neither parses JSON nor splits events: content chunks are counted (an event
+        is a ``data:`` line after a blank line) and kept as received, to be parsed only if the
+        stream must migrate. Only a read holding a [DONE], error or usage event is looked at
+        event by event.
         """
+        for marker in _SPECIAL_EVENTS:
+            if marker in events:
+                return b"".join([self._observe(attempt, event) for event in events.split(b"\n\n") if event])
+        count = events.count(b"\n\ndata:") + events.startswith(b"data:")
+        if not count:
+            return events
+        now = time.perf_counter()
+        if attempt.first_token_at is None:
+            attempt.first_token_at = now
+            self.m_ttft.observe(now - attempt.started)
+            if self.kv_routing:
+                asyncio.ensure_future(self._router_event("first_token", attempt))
+        else:
+            self.m_itl.observe(now - attempt.last_token_at)
+        if count > 1:
+            self.m_itl.observe_zeros(count - 1)  # chunks that arrived together
+        attempt.last_token_at = now
+        attempt.chunks += count
+        if self.args.migration_limit:
+            attempt.events.append(events)
+        return events
+
+    def _observe(self, attempt: Attempt, event: bytes) -> bytes:
+        """Account one SSE event and return the bytes to forward (the slow path of ``_account``)."""
         if not event.startswith(b"data:"):
             return event + b"\n\n"
         if event.startswith(b"data: [DONE]"):
@@ -611,7 +743,7 @@ class Frontend:
         if attempt.first_token_at is None:
             attempt.first_token_at = now
             self.m_ttft.observe(now - attempt.started)
-            if self.args.router_mode == "kv":
+            if self.kv_routing:
                 asyncio.ensure_future(self._router_event("first_token", attempt))
         elif attempt.last_token_at is not None:
             self.m_itl.observe(now - attempt.last_token_at)
@@ -664,6 +796,10 @@ class Frontend:
             pass
 
 
+def _instance_key(instance: Instance) -> str:
+    return instance.key
+
+
 def _error_message(data: bytes) -> str:
     try:
         return _json_decode(data)["error"]["message"]
@@ -682,6 +818,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--block-size", type=int, default=16)
     parser.add_argument("--router-mode", default="round_robin", choices=["round_robin", "random", "least_loaded", "kv"])
     parser.add_argument("--router-timeout", type=float, default=0.1, help="Seconds to wait for the KV router.")
+    parser.add_argument("--router-embedded", action="store_true",
+                        help="kv mode: run the KV router inside this process instead of asking the router process.")
+    parser.add_argument("--overlap-weight", type=float, default=1.0, help="Embedded router: KV cost weight.")
+    parser.add_argument("--temperature", type=float, default=0.0, help="Embedded router: softmax temperature.")
+    parser.add_argument("--approx-ttl", type=float, default=120.0, help="Embedded router: approximate-mode TTL.")
+    parser.add_argument("--no-kv-events", action="store_true", help="Embedded router: approximate mode only.")
     parser.add_argument("--migration-limit", type=int, default=3, help="Times a broken stream may move to another worker.")
     parser.add_argument("--disagg-threshold", type=int, default=0,
                         help="Prompts with fewer uncached tokens than this skip the prefill worker (0: never skip).")

@@ -275,12 +275,12 @@ def build_plan(
 
     # Router: a process only for KV routing; the frontend does the simple modes itself.
     router = profile.router
-    if router.mode == "kv":
+    router_flags = ["--overlap-weight", f"{router.overlap_weight:g}", "--temperature", f"{router.temperature:g}",
+                    "--approx-ttl", f"{router.approx_ttl:g}", *([] if router.kv_events else ["--no-kv-events"])]
+    embedded_router = router.mode == "kv" and router.placement == "frontend"
+    if router.mode == "kv" and not embedded_router:
         argv = [sys.executable, "-m", "dynamo.core.router", "--nats-url", nats_url, "--namespace", namespace,
-                "--block-size", str(profile.model.block_size), "--overlap-weight", f"{router.overlap_weight:g}",
-                "--temperature", f"{router.temperature:g}", "--approx-ttl", f"{router.approx_ttl:g}"]
-        if not router.kv_events:
-            argv.append("--no-kv-events")
+                "--block-size", str(profile.model.block_size), *router_flags]
         processes.append(ProcessSpec(
             name="router", kind="router", group="router", node=_node_of(profile, "router"), argv=argv,
             env=dict(profile.env),
@@ -358,6 +358,7 @@ def build_plan(
             "--router-timeout", f"{router.timeout:g}",
             "--disagg-protocol", BACKEND_PROTOCOL[profile.backend],
             *(["--disagg-threshold", str(router.disagg_threshold)] if router.disagg_threshold else []),
+            *(["--router-embedded", *router_flags] if embedded_router else []),
             *(["--model-path", str(model_dir(profile))] if model_dir(profile) else []),
             *_flags(fe.args),
         ],

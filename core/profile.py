@@ -160,6 +160,9 @@ class RouterSpec(Strict):
     mode: Literal["round_robin", "random", "least_loaded", "kv"] = "round_robin"
     overlap_weight: float = Field(1.0, ge=0.0, description="KV cost = overlap_weight × prefill blocks + decode blocks.")
     temperature: float = Field(0.0, ge=0.0, description="0 picks the lowest cost; > 0 samples by softmax.")
+    placement: Literal["process", "frontend"] = Field(
+        "process", description="kv mode: run the router as its own process (asked over NATS) or inside the "
+        "frontend (no network hop per decision; each frontend keeps its own index).")
     kv_events: bool = Field(True, description="Follow workers' KV events; false predicts caches from decisions.")
     approx_ttl: Duration = Field(120.0, description="Approximate mode: how long a routed prefix counts as cached.")
     timeout: Duration = Field(0.1, description="The frontend routes round-robin when the router has not answered by then.")

@@ -5,7 +5,7 @@ Starts `dynamo serve` (mocker workers with speedup_ratio 0, so the engines are n
 bottleneck), then drives the same streaming load at each concurrency twice, side by side:
 directly to the workers (client-side round-robin) and through the frontend. Prints the
 throughput ratio and the TTFT the gateway adds. Optionally also through sglang-router
-(`--sglang-router`, needs `pip install sglang-router`) in front of the same workers.
+(`--sglang-python /path/to/venv/bin/python`, a venv with `pip install sglang-router`) in front of the same workers.
 
     python scripts/bench_gateway.py [--workers 2] [--concurrency 1 16 64 256] [--requests 400] [--tokens 64]
 """
@@ -27,6 +27,7 @@ from pathlib import Path
 import aiohttp
 
 from dynamo.core.rundir import wait_until_ready
+from sglang_baseline import start_sglang_router, stop_sglang_router
 
 MODEL = "Qwen/Qwen3-0.6B"
 
@@ -79,29 +80,15 @@ def start_run(workers: int, home: Path) -> tuple[subprocess.Popen, dict]:
     return proc, wait_until_ready(run_dir, proc)
 
 
-def start_sglang_router(worker_urls: list[str]) -> tuple[subprocess.Popen, str] | None:
-    if shutil.which("sglang-router") is None:
-        try:
-            import sglang_router  # noqa: F401
-        except ImportError:
-            print("sglang-router is not installed (pip install sglang-router): skipping that column")
-            return None
-    from dynamo.core.ports import pick_free_port
-
-    port = pick_free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "sglang_router.launch_router", "--worker-urls", *worker_urls,
-                             "--policy", "round_robin", "--host", "127.0.0.1", "--port", str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    return proc, f"http://127.0.0.1:{port}"
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 16, 64, 256])
     parser.add_argument("--requests", type=int, default=400)
     parser.add_argument("--tokens", type=int, default=64)
-    parser.add_argument("--sglang-router", action="store_true", help="Also measure sglang-router (round_robin).")
+    parser.add_argument("--sglang-python", default=None,
+                        help="Also measure sglang-router (round_robin) in front of the same workers: the Python of "
+                             "a venv with `pip install sglang-router`.")
     args = parser.parse_args()
     try:
         import uvloop
@@ -112,10 +99,8 @@ def main() -> None:
     home = Path(tempfile.mkdtemp(prefix="dynamo-gw-"))
     proc, state = start_run(args.workers, home)
     workers = [p["url"] for p in state["processes"].values() if p["kind"] == "worker"]
-    sglang = start_sglang_router(workers) if args.sglang_router else None
+    sglang = start_sglang_router(args.sglang_python, workers, "round_robin", home) if args.sglang_python else None
     try:
-        if sglang:
-            time.sleep(3)
         print(f"{args.workers} mocker workers (speedup 0), {args.requests} streamed requests × {args.tokens} tokens")
         head = f"{'conc':>5}{'direct tok/s':>14}{'frontend tok/s':>16}{'ratio':>7}{'TTFT direct':>13}{'TTFT fe':>9}{'added ms':>10}"
         if sglang:
@@ -135,7 +120,7 @@ def main() -> None:
             print(line, flush=True)
     finally:
         if sglang:
-            sglang[0].terminate()
+            stop_sglang_router(sglang[0])
         proc.send_signal(signal.SIGINT)
         proc.wait(60)
         shutil.rmtree(home, ignore_errors=True)

@@ -28,6 +28,7 @@ from pathlib import Path
 import aiohttp
 
 from dynamo.core.rundir import wait_until_ready
+from sglang_baseline import start_sglang_router, stop_sglang_router
 
 MODEL = "Qwen/Qwen3-0.6B"
 def workload(groups: int, per_group: int, prefix_tokens: int, seed: int = 0) -> list[str]:
@@ -48,32 +49,50 @@ def workload(groups: int, per_group: int, prefix_tokens: int, seed: int = 0) -> 
     return prompts
 
 
-async def drive(url: str, prompts: list[str], concurrency: int, tokens: int) -> dict:
+async def drive(url: str, prompts: list[str], concurrency: int, tokens: int, rate: float = 0.0) -> dict:
+    """Stream every prompt once. Closed loop with ``concurrency`` clients, or, with ``rate`` > 0,
+    open loop: Poisson arrivals at ``rate`` requests/s (seeded), so a slower router builds a queue
+    instead of slowing the clients down, as production traffic does."""
     queue = list(prompts)
     ttfts: list[float] = []
     errors = 0
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
-        async def one() -> None:
+        async def request(prompt: str) -> None:
             nonlocal errors
+            t0 = time.perf_counter()
+            try:
+                async with session.post(url + "/v1/completions", json={
+                        "model": MODEL, "prompt": prompt, "max_tokens": tokens, "stream": True}) as resp:
+                    first = None
+                    async for line in resp.content:
+                        if first is None and line.startswith(b"data: {"):
+                            first = time.perf_counter() - t0
+                    if first is None:
+                        errors += 1
+                    else:
+                        ttfts.append(first)
+            except aiohttp.ClientError:
+                errors += 1
+
+        async def client() -> None:
             while queue:
-                prompt = queue.pop()
-                t0 = time.perf_counter()
-                try:
-                    async with session.post(url + "/v1/completions", json={
-                            "model": MODEL, "prompt": prompt, "max_tokens": tokens, "stream": True}) as resp:
-                        first = None
-                        async for line in resp.content:
-                            if first is None and line.startswith(b"data: {"):
-                                first = time.perf_counter() - t0
-                        if first is None:
-                            errors += 1
-                        else:
-                            ttfts.append(first)
-                except aiohttp.ClientError:
-                    errors += 1
+                await request(queue.pop())
+
+        async def arrivals() -> None:
+            rng = random.Random(1)
+            tasks = []
+            due = time.perf_counter()
+            for prompt in reversed(queue):
+                due += rng.expovariate(rate)
+                await asyncio.sleep(max(0.0, due - time.perf_counter()))
+                tasks.append(asyncio.ensure_future(request(prompt)))
+            await asyncio.gather(*tasks)
 
         start = time.perf_counter()
-        await asyncio.gather(*(one() for _ in range(concurrency)))
+        if rate > 0:
+            await arrivals()
+        else:
+            await asyncio.gather(*(client() for _ in range(concurrency)))
         elapsed = time.perf_counter() - start
     ttfts.sort()
     if not ttfts:
@@ -82,13 +101,14 @@ async def drive(url: str, prompts: list[str], concurrency: int, tokens: int) -> 
             "req_s": len(ttfts) / elapsed, "errors": errors}
 
 
-def serve(mode: str, args: argparse.Namespace, home: Path, weight: float) -> tuple[subprocess.Popen, dict]:
+def serve(mode: str, args: argparse.Namespace, home: Path, weight: float,
+          placement: str = "process") -> tuple[subprocess.Popen, dict]:
     run_dir = home / f"run-{mode}-{time.monotonic_ns()}"
     proc = subprocess.Popen(
         [sys.executable, "-m", "dynamo.cli.app", "serve", "agg", "--backend", "mocker", "--run-dir", str(run_dir),
          "--set", f"workers.decode.replicas={args.workers}", "--set", f"router.mode={mode}",
          "--set", f"workers.decode.args.num-gpu-blocks={args.blocks}",
-         "--set", f"router.overlap_weight={weight}",
+         "--set", f"router.overlap_weight={weight}", "--set", f"router.placement={placement}",
          "--set", "frontend.port=0", "--set", "nats.port=0", "--set", "ports.base=0", "--no-color"],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     return proc, wait_until_ready(run_dir, proc)
@@ -116,59 +136,35 @@ def worker_stats(state: dict) -> tuple[float, list[int]]:
     return (hits / queries if queries else 0.0), sorted(served, reverse=True)
 
 
-def wait_for_http(url: str, proc: subprocess.Popen, log: Path, timeout: float = 60) -> None:
-    """Until ``url`` answers 200; fails with the process's log if it exits first."""
-    import httpx
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"{proc.args[2]} exited with {proc.returncode}:\n{log.read_text(errors='replace')[-2000:]}")
-        try:
-            if httpx.get(url, timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
-    raise RuntimeError(f"{url} not ready after {timeout:.0f}s")
-
-
 def stop(proc: subprocess.Popen) -> None:
     proc.send_signal(signal.SIGINT)
     proc.wait(60)
 
 
-def run_dynamo(mode: str, weight: float, args: argparse.Namespace, prompts: list[str], home: Path) -> dict:
-    proc, state = serve(mode, args, home, weight)
+def run_dynamo(mode: str, weight: float, placement: str, args: argparse.Namespace, prompts: list[str],
+               home: Path) -> dict:
+    proc, state = serve(mode, args, home, weight, placement)
     try:
-        result = asyncio.run(drive(state["endpoint"], prompts, args.concurrency, args.tokens))
+        result = asyncio.run(drive(state["endpoint"], prompts, args.concurrency, args.tokens, args.rate))
         result["hit_rate"], result["served"] = worker_stats(state)
         return result
     finally:
         stop(proc)
 
 
-def run_sglang(args: argparse.Namespace, prompts: list[str], home: Path) -> dict:
-    """sglang-router's cache_aware policy in front of the same mocker workers (served by dynamo, unused frontend)."""
-    from dynamo.core.ports import pick_free_port
-
+def run_sglang(policy: str, args: argparse.Namespace, prompts: list[str], home: Path) -> dict:
+    """sglang-router with ``policy`` in front of the same mocker workers (served by dynamo, its frontend unused)."""
     proc, state = serve("round_robin", args, home, args.overlap_weight[0])
-    workers = [p["url"] for p in state["processes"].values() if p["kind"] == "worker"]
-    port = pick_free_port()
-    log_path = home / f"sglang-router-{time.monotonic_ns()}.log"
-    with open(log_path, "wb") as log:
-        router = subprocess.Popen([args.sglang_python, "-m", "sglang_router.launch_router", "--worker-urls",
-                                   *workers, "--policy", "cache_aware", "--host", "127.0.0.1", "--port", str(port),
-                                   "--prometheus-host", "127.0.0.1", "--prometheus-port", str(pick_free_port())],
-                                  stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
-        wait_for_http(f"http://127.0.0.1:{port}/v1/models", router, log_path)
-        result = asyncio.run(drive(f"http://127.0.0.1:{port}", prompts, args.concurrency, args.tokens))
-        result["hit_rate"], result["served"] = worker_stats(state)
-        return result
+        workers = [p["url"] for p in state["processes"].values() if p["kind"] == "worker"]
+        router, url = start_sglang_router(args.sglang_python, workers, policy, home)
+        try:
+            result = asyncio.run(drive(url, prompts, args.concurrency, args.tokens, args.rate))
+            result["hit_rate"], result["served"] = worker_stats(state)
+            return result
+        finally:
+            stop_sglang_router(router)
     finally:
-        router.terminate()
-        router.wait(30)
         stop(proc)
 
 
@@ -180,12 +176,18 @@ def main() -> None:
     parser.add_argument("--prefix", type=int, default=2000, help="Shared prefix length in tokens.")
     parser.add_argument("--blocks", type=int, default=4000,
                         help="KV blocks per worker (default 4000: the prefixes fit once across the workers, not on each).")
-    parser.add_argument("--concurrency", type=int, default=16)
+    parser.add_argument("--concurrency", type=int, default=16, help="Closed-loop clients (unless --rate).")
+    parser.add_argument("--rate", type=float, default=0.0,
+                        help="Open loop instead: Poisson arrivals at this many requests/s.")
     parser.add_argument("--tokens", type=int, default=16)
     parser.add_argument("--overlap-weight", type=float, nargs="+", default=[1.0],
                         help="router.overlap_weight for kv; several values run kv once per value.")
     parser.add_argument("--modes", nargs="+", default=["kv", "round_robin", "random"])
+    parser.add_argument("--placement", nargs="+", default=["process"], choices=["process", "frontend"],
+                        help="router.placement for kv: its own process (asked over NATS) or inside the frontend.")
     parser.add_argument("--sglang-python", default=None, help="Python of a venv with sglang-router installed.")
+    parser.add_argument("--sglang-policies", nargs="+", default=["cache_aware"],
+                        help="sglang-router policies to run (with --sglang-python).")
     parser.add_argument("--repeat", type=int, default=1,
                         help="Rounds; each round runs every router once, in turn, and the table shows medians "
                              "(this machine is noisy: interleaving keeps the comparison side by side).")
@@ -193,20 +195,23 @@ def main() -> None:
     prompts = workload(args.groups, args.per_group, args.prefix)
     home = Path(tempfile.mkdtemp(prefix="dynamo-routing-"))
     runs: dict[str, list[dict]] = {}
-    entries: list[tuple[str, str, float]] = []
+    entries: list[tuple[str, str, float, str]] = []
     for mode in args.modes:
         if mode == "kv":
-            entries += [(f"kv (weight {w:g})" if len(args.overlap_weight) > 1 else "kv", mode, w)
-                        for w in args.overlap_weight]
+            for placement in args.placement:
+                for w in args.overlap_weight:
+                    label = "kv" + (f" {placement}" if len(args.placement) > 1 else "")
+                    label += f" (weight {w:g})" if len(args.overlap_weight) > 1 else ""
+                    entries.append((label, mode, w, placement))
         else:
-            entries.append((mode, mode, args.overlap_weight[0]))
+            entries.append((mode, mode, args.overlap_weight[0], "process"))
     if args.sglang_python:
-        entries.append(("sglang cache_aware", "sglang", 0.0))
+        entries += [(f"sglang {policy}", "sglang", 0.0, "") for policy in args.sglang_policies]
     try:
         for round_no in range(args.repeat):
-            for name, mode, weight in entries:
-                result = (run_sglang(args, prompts, home) if mode == "sglang"
-                          else run_dynamo(mode, weight, args, prompts, home))
+            for name, mode, weight, placement in entries:
+                result = (run_sglang(name.split()[1], args, prompts, home) if mode == "sglang"
+                          else run_dynamo(mode, weight, placement, args, prompts, home))
                 runs.setdefault(name, []).append(result)
                 print(f"round {round_no + 1} {name}: p50 {result['ttft_p50']:.1f} ms, p99 {result['ttft_p99']:.1f} ms, "
                       f"{result['req_s']:.1f} req/s, hit rate {result['hit_rate']:.0%}, served {result['served']}",
@@ -218,7 +223,8 @@ def main() -> None:
                for name, rs in runs.items()}
     base = results.get("round_robin")
     print(f"\n{len(prompts)} requests: {args.groups} groups × {args.per_group} sharing {args.prefix} tokens, "
-          f"{args.workers} mocker workers × {args.blocks} blocks, concurrency {args.concurrency}, "
+          f"{args.workers} mocker workers × {args.blocks} blocks, "
+          f"{f'Poisson {args.rate:g} req/s' if args.rate else f'concurrency {args.concurrency}'}, "
           f"{args.tokens} output tokens; medians of {args.repeat} interleaved round(s)")
     print(f"{'router':22}{'TTFT p50 ms':>12}{'TTFT p99 ms':>12}{'req/s':>8}{'hit rate':>9}{'p50 vs rr':>11}"
           f"{'errors':>8}  requests per worker (last round)")

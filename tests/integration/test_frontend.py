@@ -156,23 +156,49 @@ def shared_run(tmp_path_factory):
             os.killpg(proc.pid, signal.SIGKILL)
 
 
-def test_kv_routing_sends_shared_prefixes_to_the_worker_holding_them(tmp_path, serve):
-    profile = mocker_profile(tmp_path, router="kv", workers="""\
+def router_stats(plan: dict) -> dict:
+    import json
+
+    import nats
+
+    async def ask() -> dict:
+        nc = await nats.connect(plan["nats_url"])
+        try:
+            return json.loads((await nc.request(f"{plan['namespace']}.router.stats", b"", timeout=5)).data)
+        finally:
+            await nc.close()
+
+    return asyncio.run(ask())
+
+
+@pytest.mark.parametrize("placement", ["process", "frontend"])
+def test_kv_routing_sends_shared_prefixes_to_the_worker_holding_them(tmp_path, serve, placement):
+    import json
+
+    profile = mocker_profile(tmp_path, router=f"kv, placement: {placement}", workers="""\
         w: {replicas: 3, args: {speedup-ratio: 10}}
         """)
-    state = serve(profile).wait_ready(60)
+    run = serve(profile)
+    state = run.wait_ready(60)
+    plan = json.loads((run.dir / "plan.json").read_text())
+    assert [p["kind"] for p in plan["processes"]].count("router") == (1 if placement == "process" else 0)
     api = client(state)
-    prefixes = [f"document {i}: " + " ".join(f"word{i}x{j}" for j in range(300)) for i in range(3)]
-    for round_ in range(4):
-        for prefix in prefixes:
-            api.completions.create(model=MODEL, prompt=prefix + f" question {round_}", max_tokens=2)
     workers = {name: p["url"] for name, p in state["processes"].items() if p["kind"] == "worker"}
-    hits = {name: metric(url, "vllm:prefix_cache_hits_total") for name, url in workers.items()}
-    queries = {name: metric(url, "vllm:prefix_cache_queries_total") for name, url in workers.items()}
-    # 12 requests, 3 prefixes of ~19 blocks: after the first of each prefix, each request hits its prefix
-    total_hits = sum(hits.values())
-    assert total_hits >= 0.8 * 9 * 16 * 18 / 16, (hits, queries)
+    for i in range(3):
+        prefix = f"document {i}: " + " ".join(f"word{i}x{j}" for j in range(300))
+        served = {name: metric(url, "vllm:request_success_total") for name, url in workers.items()}
+        hits = {name: metric(url, "vllm:prefix_cache_hits_total") for name, url in workers.items()}
+        for round_ in range(4):  # round-robin would spread these over the three workers
+            api.completions.create(model=MODEL, prompt=prefix + f" question {round_}", max_tokens=2)
+        served = {name: metric(url, "vllm:request_success_total") - served[name] for name, url in workers.items()}
+        hits = {name: metric(url, "vllm:prefix_cache_hits_total") - hits[name] for name, url in workers.items()}
+        holder = max(served, key=served.get)
+        assert sorted(served.values()) == [0, 0, 4], served
+        assert hits[holder] >= 3 * 18 * 16, hits  # the later three reuse the prefix's ~19 blocks
     assert metric(state["endpoint"], "dynamo_frontend_router_fallbacks_total") == 0
+    stats = router_stats(plan)
+    assert stats["decisions"] == 12 and stats["events_applied"] > 0, stats
+    assert stats.get("placement", "process") == placement
 
 
 def test_kill_9_a_worker_mid_stream_migrates_every_request(tmp_path, serve):
