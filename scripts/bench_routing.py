@@ -8,7 +8,9 @@ runs through the frontend once per router mode, side by side, and optionally thr
 sglang-router's cache_aware policy in front of the same workers
 (`--sglang-python /path/to/venv/bin/python`, a venv with `pip install sglang-router`).
 
-    python scripts/bench_routing.py [--groups 64] [--per-group 16] [--prefix 2000] [--concurrency 16]
+    python scripts/bench_routing.py [--groups 64] [--per-group 16] [--prefix 2000] [--concurrency 16 | --rate 40]
+        [--overlap-weight 4 16] [--placement process frontend] [--repeat 2]
+        [--sglang-python /path/to/venv/bin/python [--sglang-policies cache_aware round_robin]]
 """
 
 from __future__ import annotations
@@ -175,7 +177,8 @@ def main() -> None:
     parser.add_argument("--per-group", type=int, default=16)
     parser.add_argument("--prefix", type=int, default=2000, help="Shared prefix length in tokens.")
     parser.add_argument("--blocks", type=int, default=4000,
-                        help="KV blocks per worker (default 4000: the prefixes fit once across the workers, not on each).")
+                        help="KV blocks per worker (default 4000: a worker caches about half of the 64 default "
+                             "prefixes, so where a request lands decides whether it hits).")
     parser.add_argument("--concurrency", type=int, default=16, help="Closed-loop clients (unless --rate).")
     parser.add_argument("--rate", type=float, default=0.0,
                         help="Open loop instead: Poisson arrivals at this many requests/s.")
