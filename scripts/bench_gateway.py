@@ -86,6 +86,8 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 16, 64, 256])
     parser.add_argument("--requests", type=int, default=400)
     parser.add_argument("--tokens", type=int, default=64)
+    parser.add_argument("--repeat", type=int, default=3,
+                        help="Interleaved rounds per concurrency; the table shows medians (ratios per round).")
     parser.add_argument("--sglang-python", default=None,
                         help="Also measure sglang-router (round_robin) in front of the same workers: the Python of "
                              "a venv with `pip install sglang-router`.")
@@ -101,22 +103,33 @@ def main() -> None:
     workers = [p["url"] for p in state["processes"].values() if p["kind"] == "worker"]
     sglang = start_sglang_router(args.sglang_python, workers, "round_robin", home) if args.sglang_python else None
     try:
-        print(f"{args.workers} mocker workers (speedup 0), {args.requests} streamed requests × {args.tokens} tokens")
+        print(f"{args.workers} mocker workers (speedup 0), {args.requests} streamed requests × {args.tokens} tokens, "
+              f"medians of {args.repeat} interleaved rounds")
         head = f"{'conc':>5}{'direct tok/s':>14}{'frontend tok/s':>16}{'ratio':>7}{'TTFT direct':>13}{'TTFT fe':>9}{'added ms':>10}"
         if sglang:
             head += f"{'sglang tok/s':>14}{'ours/sglang':>12}"
         print(head)
         for conc in args.concurrency:
-            direct = asyncio.run(drive(workers, conc, args.requests, args.tokens))
-            via = asyncio.run(drive([state["endpoint"]], conc, args.requests, args.tokens))
-            line = (f"{conc:>5}{direct['tokens_per_s']:>14,.0f}{via['tokens_per_s']:>16,.0f}"
-                    f"{via['tokens_per_s'] / direct['tokens_per_s']:>7.2f}{direct['ttft_p50_ms']:>13.2f}"
-                    f"{via['ttft_p50_ms']:>9.2f}{via['ttft_p50_ms'] - direct['ttft_p50_ms']:>10.2f}")
+            rounds = []
+            for _ in range(args.repeat):  # interleaved pairs: both sides see the same machine noise
+                direct = asyncio.run(drive(workers, conc, args.requests, args.tokens))
+                via = asyncio.run(drive([state["endpoint"]], conc, args.requests, args.tokens))
+                sg = asyncio.run(drive([sglang[1]], conc, args.requests, args.tokens)) if sglang else None
+                rounds.append((direct, via, sg))
+            med = statistics.median
+            d_tok, v_tok = med(r[0]["tokens_per_s"] for r in rounds), med(r[1]["tokens_per_s"] for r in rounds)
+            ratio = med(r[1]["tokens_per_s"] / r[0]["tokens_per_s"] for r in rounds)
+            d_ttft, v_ttft = med(r[0]["ttft_p50_ms"] for r in rounds), med(r[1]["ttft_p50_ms"] for r in rounds)
+            added = med(r[1]["ttft_p50_ms"] - r[0]["ttft_p50_ms"] for r in rounds)
+            line = f"{conc:>5}{d_tok:>14,.0f}{v_tok:>16,.0f}{ratio:>7.2f}{d_ttft:>13.2f}{v_ttft:>9.2f}{added:>10.2f}"
             if sglang:
-                sg = asyncio.run(drive([sglang[1]], conc, args.requests, args.tokens))
-                line += f"{sg['tokens_per_s']:>14,.0f}{via['tokens_per_s'] / sg['tokens_per_s']:>12.2f}"
-            if direct["errors"] or via["errors"]:
-                line += f"  errors direct={direct['errors']} frontend={via['errors']}"
+                s_tok = med(r[2]["tokens_per_s"] for r in rounds)
+                vs = med(r[1]["tokens_per_s"] / r[2]["tokens_per_s"] if r[2]["tokens_per_s"] else float("inf")
+                         for r in rounds)
+                line += f"{s_tok:>14,.0f}{vs:>12.2f}"
+            errors = [sum(r[i]["errors"] for r in rounds) for i in range(2)]
+            if any(errors):
+                line += f"  errors direct={errors[0]} frontend={errors[1]}"
             print(line, flush=True)
     finally:
         if sglang:
