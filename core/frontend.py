@@ -160,6 +160,13 @@ class Attempt:
         return "".join(pieces)
 
 
+class _EventStreamResponse(web.StreamResponse):
+    """A StreamResponse whose headers leave with the first events, in one write (as web.Response
+    does) instead of in a write of their own."""
+
+    _send_headers_immediately = False
+
+
 class StreamRelay:
     """Forwards one worker's SSE stream to the client: whole events only, each read accounted.
 
@@ -433,6 +440,9 @@ class Frontend:
         except ApiError as exc:
             status = str(exc.status)
             raise
+        except asyncio.CancelledError:
+            status = "499"  # the client went away
+            raise
         finally:
             self.m_inflight.dec()
             self.m_requests.labels(path, "stream" if body.get("stream") else "unary", status).inc()
@@ -676,7 +686,7 @@ class Frontend:
             await relay.wait()
             if not relay.held:
                 raise UpstreamFailed(f"stream ended before its first event: {relay.error or 'no event'}")
-            response = web.StreamResponse(status=upstream.status, headers={
+            response = _EventStreamResponse(status=upstream.status, headers={
                 "Content-Type": "text/event-stream", "Cache-Control": "no-cache", "x-request-id": attempt.request_id})
             if request.version >= HttpVersion11:
                 response.enable_chunked_encoding()
@@ -688,8 +698,8 @@ class Frontend:
             relay.go_direct(request.transport, response.chunked)
             while not relay.ended:
                 await relay.wait()
-        if relay.client_gone:
-            return response
+        if relay.client_gone:  # not the worker's fault: end the request as aiohttp does on a disconnect
+            raise asyncio.CancelledError
         if attempt.finished:
             upstream.release()
             await response.write_eof(relay.take())
@@ -702,12 +712,22 @@ class Frontend:
 
         The hot path neither parses JSON nor splits events: content chunks are counted (an event
         is a ``data:`` line after a blank line) and kept as received, to be parsed only if the
-        stream must migrate. Only a read holding a [DONE], error or usage event is looked at
-        event by event.
+        stream must migrate. Only from the first [DONE], error or usage event on is a read
+        looked at event by event.
         """
+        special = -1
         for marker in _SPECIAL_EVENTS:
-            if marker in events:
-                return b"".join([self._observe(attempt, event) for event in events.split(b"\n\n") if event])
+            at = events.find(marker)
+            if at >= 0 and (special < 0 or at < special):
+                special = at
+        if special < 0:
+            return self._count_content(attempt, events)
+        cut = events.rfind(b"\n\n", 0, special)
+        start = cut + 2 if cut >= 0 else 0  # the special event's own start
+        head = self._count_content(attempt, events[:start]) if start else b""
+        return head + b"".join([self._observe(attempt, event) for event in events[start:].split(b"\n\n") if event])
+
+    def _count_content(self, attempt: Attempt, events: bytes) -> bytes:
         count = events.count(b"\n\ndata:") + events.startswith(b"data:")
         if not count:
             return events

@@ -1,0 +1,211 @@
+"""The frontend's streaming relay against scripted workers: fragmentation, migration, slow and vanishing clients.
+
+No NATS: the frontend's discovery view is a stub holding the scripted workers, so each test
+controls exactly how the worker's bytes arrive.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import socket
+
+import aiohttp
+from aiohttp.test_utils import TestServer
+
+from dynamo.core.discovery import Instance
+from dynamo.core.frontend import Frontend, parse_args
+from dynamo.core.upstream import UpstreamPool
+
+MODEL = "m"
+
+
+def event(text: str, finish: str | None = None) -> bytes:
+    chunk = {"id": "x", "object": "text_completion", "model": MODEL,
+             "choices": [{"index": 0, "text": text, "finish_reason": finish}]}
+    return b"data: " + json.dumps(chunk).encode() + b"\n\n"
+
+
+class ScriptedWorker:
+    """Answers each POST with an SSE stream; ``script(body)`` returns (fragments, then_close)."""
+
+    def __init__(self, script):
+        self.script = script
+        self.bodies: list[dict] = []
+        self.closed = asyncio.Event()
+        self.longest_drain = 0.0  # seconds the longest write waited for the frontend to take it
+        self.server: asyncio.AbstractServer | None = None
+
+    async def start(self) -> str:
+        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        return f"http://127.0.0.1:{self.server.sockets[0].getsockname()[1]}"
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                length = next(int(line.split(b":")[1]) for line in head.split(b"\r\n")
+                              if line.lower().startswith(b"content-length"))
+                body = json.loads(await reader.readexactly(length))
+                self.bodies.append(body)
+                fragments, then_close = self.script(body)
+                writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
+                             b"Transfer-Encoding: chunked\r\n\r\n")
+                for fragment in fragments:
+                    writer.write(fragment)
+                    started = asyncio.get_running_loop().time()
+                    await writer.drain()
+                    self.longest_drain = max(self.longest_drain, asyncio.get_running_loop().time() - started)
+                    await asyncio.sleep(0.001)
+                if then_close:
+                    writer.transport.abort()
+                    return
+        except (asyncio.IncompleteReadError, ConnectionError, asyncio.CancelledError):
+            pass
+        finally:
+            self.closed.set()
+            writer.close()
+
+
+def http_chunks(data: bytes, rng: random.Random) -> list[bytes]:
+    """``data`` as HTTP chunks of random sizes, then cut into random fragments across chunk boundaries."""
+    framed, pos = [], 0
+    while pos < len(data):
+        size = rng.randint(1, 90)
+        framed.append(b"%x\r\n%s\r\n" % (len(data[pos:pos + size]), data[pos:pos + size]))
+        pos += size
+    raw = b"".join(framed)
+    cuts = sorted(rng.sample(range(1, len(raw)), 25))
+    return [raw[a:b] for a, b in zip([0, *cuts], [*cuts, len(raw)])]
+
+
+class Discovery:
+    def __init__(self, urls: list[str]):
+        self.instances = {f"w{i}": Instance(f"w{i}", {"url": url, "role": "agg", "name": f"w{i}"})
+                          for i, url in enumerate(urls)}
+
+    async def close(self) -> None:
+        pass
+
+
+async def start_frontend(urls: list[str]) -> tuple[Frontend, TestServer]:
+    frontend = Frontend(parse_args(["--port", "0", "--nats-url", "nats://unused", "--namespace", "t"]))
+    frontend.watcher = Discovery(urls)
+    frontend.upstream = UpstreamPool()
+    app = frontend.app()
+    app.on_startup.clear()  # no NATS: the discovery stub above stands in
+    server = TestServer(app)
+    await server.start_server()
+    return frontend, server
+
+
+async def stream(url: str, body: dict) -> bytes:
+    async with aiohttp.ClientSession() as session:
+        async with session.post(url + "/v1/completions", json=body) as resp:
+            assert resp.status == 200 and resp.headers["Content-Type"] == "text/event-stream"
+            return await resp.read()
+
+
+async def stream_slowly(server: TestServer, body: dict, pause: float) -> bytes:
+    """Read the response through a small receive buffer, stopping for ``pause`` after the first bytes."""
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.setblocking(False)
+    await asyncio.get_running_loop().sock_connect(sock, (server.host, server.port))
+    reader, writer = await asyncio.open_connection(sock=sock, limit=4096)
+    data = json.dumps(body).encode()
+    writer.write(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                 b"Content-Length: %d\r\nConnection: close\r\n\r\n%s" % (len(data), data))
+    await reader.readuntil(b"\r\n\r\n")
+    raw = await reader.read(100)
+    await asyncio.sleep(pause)
+    raw += await reader.read()
+    writer.close()
+    out, pos = b"", 0
+    while True:  # undo the chunked framing
+        line_end = raw.index(b"\r\n", pos)
+        size = int(raw[pos:line_end], 16)
+        if not size:
+            return out
+        out += raw[line_end + 2:line_end + 2 + size]
+        pos = line_end + 4 + size
+
+
+def test_events_split_anywhere_arrive_whole_and_are_counted():
+    async def main() -> None:
+        rng = random.Random(3)
+        events = b"".join(event(f" t{i}") for i in range(40)) + event(" end", "length") + b"data: [DONE]\n\n"
+        worker = ScriptedWorker(lambda body: (http_chunks(events, rng) + [b"0\r\n\r\n"], False))
+        frontend, server = await start_frontend([await worker.start()])
+        try:
+            for _ in range(3):
+                got = await stream(str(server.make_url("")), {"model": MODEL, "prompt": "p", "stream": True})
+                assert got == events
+            assert frontend.m_output.value == 0  # no usage event: nothing claimed
+            assert sum(frontend.m_itl.counts) == 3 * 40 and sum(frontend.m_ttft.counts) == 3
+        finally:
+            await server.close()
+            await frontend.upstream.close()
+
+    asyncio.run(main())
+
+
+def test_a_stream_broken_midway_continues_on_another_worker_from_the_text_sent():
+    async def main() -> None:
+        rng = random.Random(5)
+        first = b"".join(event(f" a{i}") for i in range(10))
+        # the break falls inside the 11th event: the client must never see that half
+        broken = http_chunks(first + event(" lost")[:30], rng)
+        rest = event(" b0") + event(" b1", "length") + b"data: [DONE]\n\n"
+        workers = [ScriptedWorker(lambda body: (broken, True)),
+                   ScriptedWorker(lambda body: (http_chunks(rest, rng) + [b"0\r\n\r\n"], False))]
+        frontend, server = await start_frontend([await w.start() for w in workers])
+        try:
+            body = {"model": MODEL, "prompt": "p", "stream": True, "max_tokens": 12}
+            got = await stream(str(server.make_url("")), body)
+            assert got == first + rest
+            continued = workers[1].bodies[0]
+            assert continued["prompt"] == "p" + "".join(f" a{i}" for i in range(10))
+            assert continued["max_tokens"] == 2
+            assert frontend.m_migrations.value == 1
+        finally:
+            await server.close()
+            await frontend.upstream.close()
+
+    asyncio.run(main())
+
+
+def test_a_slow_client_gets_everything_and_a_vanished_client_stops_the_worker():
+    async def main() -> None:
+        big = event("x" * 60_000)
+        many = [b"%x\r\n%s\r\n" % (len(big), big)] * 150
+        done = b"data: [DONE]\n\n"
+        worker = ScriptedWorker(lambda body: (many + [b"%x\r\n%s\r\n0\r\n\r\n" % (len(done), done)], False))
+        frontend, server = await start_frontend([await worker.start()])
+        url = str(server.make_url(""))
+        try:
+            got = await stream_slowly(server, {"model": MODEL, "prompt": "p", "stream": True}, pause=0.5)
+            assert got == big * 150 + done
+            # the worker's stream waited for the paused client instead of piling up in the frontend
+            assert worker.longest_drain > 0.3
+
+            endless = ScriptedWorker(lambda body: ([b"%x\r\n%s\r\n" % (len(big), big)] * 100_000, False))
+            frontend.watcher = Discovery([await endless.start()])
+            async with aiohttp.ClientSession() as session:
+                async with session.post(url + "/v1/completions",
+                                        json={"model": MODEL, "prompt": "p", "stream": True}) as resp:
+                    await resp.content.readany()
+            # the client is gone: the frontend closes the worker connection instead of draining it
+            await asyncio.wait_for(endless.closed.wait(), 5)
+            gone = frontend.m_requests.labels("/v1/completions", "stream", "499")
+            for _ in range(100):
+                if gone.value:
+                    break
+                await asyncio.sleep(0.01)
+            assert gone.value == 1
+        finally:
+            await server.close()
+            await frontend.upstream.close()
+
+    asyncio.run(main())
