@@ -143,10 +143,14 @@ class Attempt:
     hashes: list[int] | None = None
     prompt_tokens: int | None = None
     migrated: bool = False
+    drop_role: bool = False  # a continuation's opening role chunk: the client has had one already
     background: asyncio.Future | None = None  # a concurrent prefill request (SGLang)
 
-    def generated_text(self) -> str:
+    def generated(self) -> tuple[str, int]:
+        """The text sent so far and how many tokens it holds (a chat stream's opening chunk, which
+        carries only the assistant's role, is no token)."""
         pieces = []
+        tokens = 0
         for blob in self.events:
             for event in blob.split(b"\n\n"):
                 if not event.startswith(b"data:"):
@@ -155,9 +159,16 @@ class Attempt:
                     choice = _json_decode(event[5:])["choices"][0]
                 except (msgspec.DecodeError, KeyError, IndexError, TypeError):
                     continue
-                piece = (choice.get("delta") or {}).get("content") if "delta" in choice else choice.get("text")
+                if "delta" in choice:
+                    delta = choice.get("delta") or {}
+                    piece = delta.get("content")
+                    if "role" in delta and not piece and not choice.get("finish_reason"):
+                        continue
+                else:
+                    piece = choice.get("text")
                 pieces.append(piece or "")
-        return "".join(pieces)
+                tokens += 1
+        return "".join(pieces), tokens
 
 
 class _EventStreamResponse(web.StreamResponse):
@@ -207,6 +218,8 @@ class StreamRelay:
         else:
             self.partial = b""
         out = self.frontend._account(self.attempt, data)
+        if not out and not self.attempt.finished:
+            return  # nothing to forward (an empty HTTP chunk would end the client's response)
         if self.attempt.finished or self._transport is None:
             self.held.append(out)
             if self.attempt.finished:
@@ -523,11 +536,12 @@ class Frontend:
     def _continuation(self, attempt: Attempt) -> dict:
         """The original request, continued from what the client already received."""
         body = dict(attempt.body)
-        generated = attempt.generated_text()
+        generated, attempt.chunks = attempt.generated()
         if attempt.path.endswith("chat/completions"):
             body["messages"] = [*body["messages"], {"role": "assistant", "content": generated}]
             body["continue_final_message"] = True
             body["add_generation_prompt"] = False
+            attempt.drop_role = True
         else:
             body["prompt"] = body["prompt"] + generated
         for key in ("max_tokens", "max_completion_tokens"):
@@ -715,6 +729,8 @@ class Frontend:
         stream must migrate. Only from the first [DONE], error or usage event on is a read
         looked at event by event.
         """
+        if attempt.drop_role:
+            events = self._drop_role_chunk(attempt, events)
         special = -1
         for marker in _SPECIAL_EVENTS:
             at = events.find(marker)
@@ -726,6 +742,20 @@ class Frontend:
         start = cut + 2 if cut >= 0 else 0  # the special event's own start
         head = self._count_content(attempt, events[:start]) if start else b""
         return head + b"".join([self._observe(attempt, event) for event in events[start:].split(b"\n\n") if event])
+
+    @staticmethod
+    def _drop_role_chunk(attempt: Attempt, events: bytes) -> bytes:
+        """Remove a continuation's opening role-only chunk (looked at once, in its first read)."""
+        attempt.drop_role = False
+        end = events.find(b"\n\n") + 2
+        try:
+            choice = _json_decode(events[5:end - 2])["choices"][0]
+            delta = choice["delta"]
+        except (msgspec.DecodeError, KeyError, IndexError, TypeError):
+            return events
+        if isinstance(delta, dict) and "role" in delta and not delta.get("content") and not choice.get("finish_reason"):
+            return events[end:]
+        return events
 
     def _count_content(self, attempt: Attempt, events: bytes) -> bytes:
         count = events.count(b"\n\ndata:") + events.startswith(b"data:")

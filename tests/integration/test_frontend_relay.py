@@ -68,6 +68,14 @@ class ScriptedWorker:
             writer.close()
 
 
+def chat_event(delta: dict, finish: str | None = None, usage: dict | None = None) -> bytes:
+    chunk = {"id": "x", "object": "chat.completion.chunk", "model": MODEL,
+             "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
+    if usage:
+        chunk["usage"] = usage
+    return b"data: " + json.dumps(chunk, separators=(",", ":")).encode() + b"\n\n"  # compact, as engines send
+
+
 def http_chunks(data: bytes, rng: random.Random) -> list[bytes]:
     """``data`` as HTTP chunks of random sizes, then cut into random fragments across chunk boundaries."""
     framed, pos = [], 0
@@ -100,10 +108,10 @@ async def start_frontend(urls: list[str]) -> tuple[Frontend, TestServer]:
     return frontend, server
 
 
-async def stream(url: str, body: dict) -> bytes:
+async def stream(url: str, body: dict, path: str = "/v1/completions") -> bytes:
     async with aiohttp.ClientSession() as session:
-        async with session.post(url + "/v1/completions", json=body) as resp:
-            assert resp.status == 200 and resp.headers["Content-Type"] == "text/event-stream"
+        async with session.post(url + path, json=body) as resp:
+            assert resp.status == 200 and resp.headers["Content-Type"] == "text/event-stream", await resp.text()
             return await resp.read()
 
 
@@ -169,6 +177,34 @@ def test_a_stream_broken_midway_continues_on_another_worker_from_the_text_sent()
             assert continued["prompt"] == "p" + "".join(f" a{i}" for i in range(10))
             assert continued["max_tokens"] == 2
             assert frontend.m_migrations.value == 1
+        finally:
+            await server.close()
+            await frontend.upstream.close()
+
+    asyncio.run(main())
+
+
+def test_a_migrated_chat_stream_has_one_role_chunk_and_counts_only_tokens():
+    async def main() -> None:
+        role = chat_event({"role": "assistant", "content": ""})
+        first = b"".join(chat_event({"content": f" a{i}"}) for i in range(5))
+        usage = {"prompt_tokens": 40, "completion_tokens": 2, "total_tokens": 42}
+        rest = chat_event({"content": " b0"}) + chat_event({"content": " b1"}, "length", usage) + b"data: [DONE]\n\n"
+        rng = random.Random(7)
+        workers = [ScriptedWorker(lambda body: (http_chunks(role + first, rng), True)),
+                   ScriptedWorker(lambda body: (http_chunks(role + rest, rng) + [b"0\r\n\r\n"], False))]
+        frontend, server = await start_frontend([await w.start() for w in workers])
+        try:
+            body = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "stream": True,
+                    "max_tokens": 7, "stream_options": {"include_usage": True}}
+            got = await stream(str(server.make_url("")), body, "/v1/chat/completions")
+            events = [json.loads(e[6:]) for e in got.split(b"\n\n") if e.startswith(b"data: {")]
+            assert sum("role" in e["choices"][0]["delta"] for e in events) == 1
+            assert "".join(e["choices"][0]["delta"].get("content", "") for e in events) == " a0 a1 a2 a3 a4 b0 b1"
+            continued = workers[1].bodies[0]
+            assert continued["messages"][-1] == {"role": "assistant", "content": " a0 a1 a2 a3 a4"}
+            assert continued["max_tokens"] == 2  # 7 asked, 5 tokens already sent (the role chunk is no token)
+            assert events[-1]["usage"]["completion_tokens"] == 7
         finally:
             await server.close()
             await frontend.upstream.close()
