@@ -166,7 +166,8 @@ class DiscoveryWatcher:
                     continue
                 if time.time() - data.get("ts", time.time()) > self.ttl:
                     continue  # a stale entry left by a dead node
-                changed = entry.key not in self.instances
+                old = self.instances.get(entry.key)
+                changed = old is None or any(old.data.get(k) != data.get(k) for k in ("url", "pid"))  # new or replaced
                 self.instances[entry.key] = Instance(entry.key, data)
             if changed and self.on_change:
                 self.on_change()

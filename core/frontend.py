@@ -103,6 +103,11 @@ def validate(body: object, field_name: str, served_model: str | None) -> dict:
 # --------------------------------------------------------------------------- worker choice
 
 
+def _incarnation(worker: Instance) -> tuple:
+    """A worker process, not its slot: a replacement under the same name starts with a clean record."""
+    return worker.key, worker.data.get("pid")
+
+
 class WorkerPicker:
     """Local routing modes: round_robin, random, least_loaded (by in-flight requests)."""
 
@@ -297,7 +302,8 @@ class Frontend:
         self.nc = None
         self.upstream: UpstreamPool | None = None
         self.tokenizer = None
-        self.suspect: dict[str, float] = {}
+        self.suspect: dict[tuple, float] = {}  # worker incarnation -> until when it is avoided
+        self.known: dict[str, tuple] = {}  # worker key -> (url, pid) as last seen in discovery
         metrics = self.metrics_set = MetricSet()
         self.m_requests = metrics.add(Counter("dynamo_frontend_requests", "Requests by endpoint, type and status",
                                               ["endpoint", "request_type", "status"]))
@@ -323,7 +329,8 @@ class Frontend:
 
     async def start(self, app: web.Application) -> None:
         self.nc = await connect(self.nats_url, "dynamo-frontend", timeout=10.0)
-        self.watcher = DiscoveryWatcher(self.nc, self.namespace, self.args.discovery_ttl)
+        self.watcher = DiscoveryWatcher(self.nc, self.namespace, self.args.discovery_ttl,
+                                        on_change=self._workers_changed)
         await self.watcher.start()
         self.upstream = UpstreamPool(connect_timeout=5.0)
         if self.args.router_mode == "kv":
@@ -389,9 +396,19 @@ class Frontend:
         if self.suspect:
             now = time.monotonic()
             self.suspect = {key: until for key, until in self.suspect.items() if until > now}
-            ready = [i for i in ready if i.key not in self.suspect] or ready
+            ready = [i for i in ready if _incarnation(i) not in self.suspect] or ready
         ready.sort(key=_instance_key)
         return ready
+
+    def _workers_changed(self) -> None:
+        """Discovery changed. A worker that left rotation (failing health, gone, replaced) may still
+        hold requests it has not begun to answer, a frozen one forever: they go to another worker
+        now. Streams it is already sending are left to finish (or to migrate if they break)."""
+        current = {i.key: (i.url, i.data.get("pid")) for i in self.watcher.instances.values()}
+        for key, (url, pid) in self.known.items():
+            if current.get(key) != (url, pid) and self.upstream is not None:
+                self.upstream.abort_unanswered(url, f"worker {key} left rotation before answering")
+        self.known = current
 
     def serving_workers(self) -> list[Instance]:
         return self.pool(("agg", "decode"))
@@ -405,7 +422,7 @@ class Frontend:
         body = {
             "status": "healthy" if serving else "unhealthy",
             "workers": [{"name": w.data.get("name"), "url": w.url, "role": w.role, "node": w.data.get("node"),
-                         "status": "suspect" if self.suspect.get(w.key, 0) > now else "ready"} for w in workers],
+                         "status": "suspect" if self.suspect.get(_incarnation(w), 0) > now else "ready"} for w in workers],
         }
         if not serving:
             body["message"] = "no worker can serve yet"
@@ -502,7 +519,7 @@ class Frontend:
             try:
                 result = await self._relay(request, attempt, worker, body, response)
             except UpstreamFailed:
-                self.suspect[worker.key] = time.monotonic() + SUSPECT_SECONDS
+                self.suspect[_incarnation(worker)] = time.monotonic() + SUSPECT_SECONDS
                 self.m_retries.inc()
                 continue
             finally:
@@ -511,7 +528,7 @@ class Frontend:
                 return result
             # the stream broke midway
             response = result
-            self.suspect[worker.key] = time.monotonic() + SUSPECT_SECONDS
+            self.suspect[_incarnation(worker)] = time.monotonic() + SUSPECT_SECONDS
             if migrations >= self.args.migration_limit or not self._can_continue(attempt):
                 await self._stream_error(response, f"worker {worker.data.get('name')} failed mid-stream")
                 return response
@@ -638,7 +655,7 @@ class Frontend:
             try:
                 answer = await self._post_prefill(worker, attempt, prefill_body)
             except (UpstreamError, asyncio.TimeoutError, msgspec.DecodeError):
-                self.suspect[worker.key] = time.monotonic() + SUSPECT_SECONDS
+                self.suspect[_incarnation(worker)] = time.monotonic() + SUSPECT_SECONDS
                 continue
             if answer is None:
                 continue

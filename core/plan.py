@@ -42,6 +42,7 @@ class ProbeSpec(BaseModel):
     pattern: str | None = None
     warmup_url: str | None = None
     warmup_body: dict[str, Any] | None = None
+    live_url: str | None = None  # after readiness, health is checked here instead of at url
     initial_delay: float
     period: float
     timeout: float
@@ -52,6 +53,8 @@ class ProbeSpec(BaseModel):
         target = {"http": f"GET {self.url}", "tcp": f"tcp {self.host}:{self.port}", "log": f"log /{self.pattern}/"}[self.kind]
         if self.warmup_url:
             target += f", then POST {self.warmup_url}"
+        if self.live_url:
+            target += f"; once ready, GET {self.live_url}"
         return f"{target} every {self.period:g}s (timeout {self.timeout:g}s, give up after {self.startup_timeout:g}s)"
 
 
@@ -129,6 +132,15 @@ def _probe(probe: ReadinessProbe, default: ReadinessProbe, host: str, port: int 
     if http is None:
         return ProbeSpec(kind="tcp", host=probe_host, port=port, **timings)
     return ProbeSpec(kind="http", url=f"http://{probe_host}:{http.port or port}{http.path}", **timings)
+
+
+def _frontend_probe(probe: ProbeSpec) -> ProbeSpec:
+    """The frontend is ready when /health passes (it sees a worker that can serve), but once ready
+    it is alive while /live answers: /health is 503 by design whenever no worker can serve, and
+    restarting the frontend for that would only drop its clients."""
+    if probe.kind == "http" and probe.url and probe.url.endswith("/health"):
+        return probe.model_copy(update={"live_url": probe.url.removesuffix("/health") + "/live"})
+    return probe
 
 
 def _node_of(profile: Profile, component: str) -> str:
@@ -364,8 +376,9 @@ def build_plan(
         ],
         env={**profile.env, **fe.env, **({"DYNAMO_API_KEY": fe.api_key} if fe.api_key else {})},
         host=fe_bind, ports={"http": fe_port}, url=endpoint,
-        readiness_probe=_probe(fe.readiness_probe, ReadinessProbe(http_get={"path": "/health"}, period=0.1),
-                               fe_bind, fe_port, _FRONTEND_STARTUP),
+        readiness_probe=_frontend_probe(_probe(fe.readiness_probe, ReadinessProbe(http_get={"path": "/health"},
+                                                                                  period=0.1),
+                                               fe_bind, fe_port, _FRONTEND_STARTUP)),
         depends_on=infra + worker_names, restart=profile.restart_for(fe.restart), grace_period=fe.grace_period,
     ))
 

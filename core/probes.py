@@ -15,12 +15,13 @@ class Prober:
     def __init__(self) -> None:
         self._session: aiohttp.ClientSession | None = None
 
-    async def check(self, probe: ProbeSpec, log_matched: bool) -> bool:
+    async def check(self, probe: ProbeSpec, log_matched: bool, live: bool = False) -> bool:
+        """Whether the probe passes; ``live``: the health check of a ready process (``live_url`` if set)."""
         if probe.kind == "log":
             return log_matched
         if probe.kind == "tcp":
             return await self._tcp(probe)
-        return await self._http(probe)
+        return await self._http(probe, probe.live_url if live and probe.live_url else probe.url)
 
     async def warmup(self, probe: ProbeSpec) -> bool:
         """The one-off request a process must answer before it is ready (no-op without one)."""
@@ -54,9 +55,9 @@ class Prober:
             pass
         return True
 
-    async def _http(self, probe: ProbeSpec) -> bool:
+    async def _http(self, probe: ProbeSpec, url: str | None) -> bool:
         try:
-            async with self._http_session().get(probe.url, timeout=aiohttp.ClientTimeout(total=probe.timeout)) as resp:
+            async with self._http_session().get(url, timeout=aiohttp.ClientTimeout(total=probe.timeout)) as resp:
                 await resp.read()
                 return 200 <= resp.status < 300
         except (aiohttp.ClientError, asyncio.TimeoutError, OSError):

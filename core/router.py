@@ -19,7 +19,6 @@ import asyncio
 import random
 import signal
 import struct
-import time
 
 import msgspec
 import zmq

@@ -325,7 +325,7 @@ class Supervisor:
                 return "exited"
             if probe.kind == "log" or self.stop_requested:
                 continue
-            if await self.prober.check(probe, comp.log_matched):
+            if await self.prober.check(probe, comp.log_matched, live=True):
                 if misses:
                     comp.status = "ready"
                     await self._register(comp)
@@ -421,6 +421,7 @@ class Supervisor:
         comp.status = "stopping"
         self._write_state()
         proctree.signal_all(comp.proc.pid, tree, signal.SIGTERM)
+        proctree.signal_all(comp.proc.pid, tree, signal.SIGCONT)  # a frozen (stopped) process acts on it only once continued
         grace = comp.spec.grace_period
         deadline = time.monotonic() + grace
         while time.monotonic() < deadline:

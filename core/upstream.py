@@ -26,6 +26,10 @@ class UpstreamError(Exception):
     """The worker could not be reached, or the connection broke before the response was complete."""
 
 
+class UpstreamAborted(UpstreamError):
+    """We gave up on the worker (it left rotation) before its response body began."""
+
+
 class BodySink(Protocol):
     def feed(self, data: bytes) -> None:
         """A decoded piece of the response body, in order."""
@@ -142,6 +146,7 @@ class _Connection(asyncio.Protocol):
         self._released = False
         self._keep_alive = True
         self._got_bytes = False
+        self._body_seen = False
 
     # ------------------------------------------------------------ asyncio callbacks
 
@@ -287,6 +292,7 @@ class _Connection(asyncio.Protocol):
                 self._left = size
 
     def _deliver(self, piece: bytes) -> None:
+        self._body_seen = True
         if self._sink is not None:
             self._sink.feed(piece)
         else:
@@ -375,6 +381,7 @@ class UpstreamPool:
         self.idle_timeout = idle_timeout  # below servers' keep-alive timeouts (aiohttp: 75 s)
         self._idle: dict[str, list[_Connection]] = {}
         self._targets: dict[str, tuple[str, int, bytes]] = {}
+        self._busy: dict[str, set[_Connection]] = {}  # connections carrying a request, per worker
         self._closed = False
 
     def _target(self, base_url: str) -> tuple[str, int, bytes]:
@@ -401,10 +408,11 @@ class UpstreamPool:
             conn = await self._get(base_url, host, port)
             try:
                 return await conn.send(request)
-            except UpstreamError:
+            except UpstreamError as exc:
                 conn.abort()
                 # only a reused connection that produced nothing may have been closed while idle
-                if not conn.reused or conn._got_bytes or attempt == _REUSE_RETRIES:
+                if isinstance(exc, UpstreamAborted) or not conn.reused or conn._got_bytes \
+                        or attempt == _REUSE_RETRIES:
                     raise
             except BaseException:
                 conn.abort()
@@ -421,6 +429,7 @@ class UpstreamPool:
             if conn.transport is not None and not conn.transport.is_closing() \
                     and now - conn.idle_since < self.idle_timeout:
                 conn.reused = True
+                self._busy.setdefault(key, set()).add(conn)
                 return conn
             conn.abort()
         loop = asyncio.get_running_loop()
@@ -429,16 +438,33 @@ class UpstreamPool:
                 loop.create_connection(lambda: _Connection(self, key), host, port), self.connect_timeout)
         except (OSError, asyncio.TimeoutError) as exc:
             raise UpstreamError(f"cannot connect to {host}:{port}: {exc or 'timed out'}") from None
+        self._busy.setdefault(key, set()).add(conn)
         return conn
 
     def _put(self, conn: _Connection) -> None:
         if self._closed:
             conn.abort()
             return
+        self._busy.get(conn.key, set()).discard(conn)
         conn.idle_since = time.monotonic()
         self._idle.setdefault(conn.key, []).append(conn)
 
+    def abort_unanswered(self, base_url: str, reason: str) -> int:
+        """Give up on every request to ``base_url`` whose response body has not begun: each fails
+        with :class:`UpstreamAborted` (its caller can try another worker) and its connection
+        closes. Responses already flowing are left alone. Returns how many were given up."""
+        aborted = 0
+        for conn in list(self._busy.get(base_url, ())):
+            if not conn._body_seen and not conn._complete and conn._error is None:
+                conn._fail(UpstreamAborted(reason))
+                conn.abort()
+                aborted += 1
+        return aborted
+
     def _forget(self, conn: _Connection) -> None:
+        busy = self._busy.get(conn.key)
+        if busy:
+            busy.discard(conn)
         idle = self._idle.get(conn.key)
         if idle and conn in idle:
             idle.remove(conn)

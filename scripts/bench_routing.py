@@ -33,7 +33,22 @@ from dynamo.core.rundir import wait_until_ready
 from sglang_baseline import start_sglang_router, stop_sglang_router
 
 MODEL = "Qwen/Qwen3-0.6B"
-def workload(groups: int, per_group: int, prefix_tokens: int, seed: int = 0) -> list[str]:
+def group_sizes(groups: int, per_group: int, skew: float) -> list[int]:
+    """Prompts per group: ``per_group`` each, or with ``skew`` > 0 the same total split by Zipf
+    popularity (group k gets a share ∝ 1/k^skew, at least one prompt): a few hot system prompts."""
+    if skew <= 0:
+        return [per_group] * groups
+    weights = [1 / (k + 1) ** skew for k in range(groups)]
+    total = groups * per_group
+    shares = [total * w / sum(weights) for w in weights]
+    sizes = [max(1, int(share)) for share in shares]
+    by_remainder = sorted(range(groups), key=lambda k: sizes[k] - shares[k])
+    for k in by_remainder[:max(0, total - sum(sizes))]:  # largest remainders first
+        sizes[k] += 1
+    return sizes
+
+
+def workload(groups: int, per_group: int, prefix_tokens: int, skew: float = 0.0, seed: int = 0) -> list[str]:
     """Text prompts (sglang-router takes only text): a shared prefix plus a 32-token question, made by
     decoding random ids with the mocker's built-in tokenizer so lengths are close to exact."""
     from dynamo.core.tokenizer import load_tokenizer
@@ -43,9 +58,9 @@ def workload(groups: int, per_group: int, prefix_tokens: int, seed: int = 0) -> 
              and w[1:].isalpha() and tokenizer.encode(w, add_special_tokens=False) == [i]]
     rng = random.Random(seed)
     prompts = []
-    for _ in range(groups):
+    for size in group_sizes(groups, per_group, skew):
         prefix = "".join(rng.choice(words) for _ in range(prefix_tokens))
-        for _ in range(per_group):
+        for _ in range(size):
             prompts.append(prefix + "".join(rng.choice(words) for _ in range(32)))
     rng.shuffle(prompts)
     return prompts
@@ -175,6 +190,9 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=4)
     parser.add_argument("--groups", type=int, default=64)
     parser.add_argument("--per-group", type=int, default=16)
+    parser.add_argument("--skew", type=float, default=0.0,
+                        help="Zipf exponent of group popularity (0: every group has --per-group prompts; 1: the "
+                             "hottest of 64 groups gets about a fifth of all requests, as a popular system prompt).")
     parser.add_argument("--prefix", type=int, default=2000, help="Shared prefix length in tokens.")
     parser.add_argument("--blocks", type=int, default=4000,
                         help="KV blocks per worker (default 4000: a worker caches about half of the 64 default "
@@ -195,7 +213,7 @@ def main() -> None:
                         help="Rounds; each round runs every router once, in turn, and the table shows medians "
                              "(this machine is noisy: interleaving keeps the comparison side by side).")
     args = parser.parse_args()
-    prompts = workload(args.groups, args.per_group, args.prefix)
+    prompts = workload(args.groups, args.per_group, args.prefix, args.skew)
     home = Path(tempfile.mkdtemp(prefix="dynamo-routing-"))
     runs: dict[str, list[dict]] = {}
     entries: list[tuple[str, str, float, str]] = []
@@ -225,7 +243,9 @@ def main() -> None:
                | {"errors": sum(r["errors"] for r in rs), "served": rs[-1]["served"]}
                for name, rs in runs.items()}
     base = results.get("round_robin")
-    print(f"\n{len(prompts)} requests: {args.groups} groups × {args.per_group} sharing {args.prefix} tokens, "
+    groups = (f"{args.groups} groups (Zipf {args.skew:g}: {group_sizes(args.groups, args.per_group, args.skew)[0]} in the "
+              f"hottest)" if args.skew > 0 else f"{args.groups} groups × {args.per_group}")
+    print(f"\n{len(prompts)} requests: {groups} sharing {args.prefix} tokens, "
           f"{args.workers} mocker workers × {args.blocks} blocks, "
           f"{f'Poisson {args.rate:g} req/s' if args.rate else f'concurrency {args.concurrency}'}, "
           f"{args.tokens} output tokens; medians of {args.repeat} interleaved round(s)")

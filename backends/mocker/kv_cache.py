@@ -19,7 +19,6 @@ hash, so the mocker's own hashes equal the router's.
 
 from __future__ import annotations
 
-import struct
 from collections import OrderedDict
 from typing import Iterable, Sequence
 

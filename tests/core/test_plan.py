@@ -14,7 +14,7 @@ from dynamo.core.errors import PlanError, UsageError
 from dynamo.core.gpus import assumed_inventory, detect_inventory
 from dynamo.core.nats_server import nats_server_binary
 from dynamo.core.plan import build_plan, check_executables, check_ports
-from dynamo.core.profile import SHIPPED_PROFILES_DIR, load_profile, parse_profile
+from dynamo.core.profile import SHIPPED_PROFILES_DIR, parse_profile
 from tests.conftest import dynamo
 
 GOLDEN = Path(__file__).resolve().parent.parent / "golden"

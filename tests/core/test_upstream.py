@@ -7,7 +7,7 @@ import random
 
 import pytest
 
-from dynamo.core.upstream import UpstreamError, UpstreamPool
+from dynamo.core.upstream import UpstreamAborted, UpstreamError, UpstreamPool
 
 
 class ScriptedServer:
@@ -153,5 +153,47 @@ def test_a_body_cut_midway_reports_an_error_and_unreachable_workers_raise():
         with pytest.raises(UpstreamError):
             await pool.request(url, "/", b"")  # the server is gone
         await pool.close()
+
+    asyncio.run(main())
+
+
+def test_giving_up_on_a_worker_fails_only_requests_it_has_not_begun_to_answer():
+    async def main() -> None:
+        silent = asyncio.Event()  # a frozen worker: takes requests, never answers
+
+        async def frozen(reader, writer):
+            await reader.readuntil(b"\r\n\r\n")
+            await silent.wait()
+            writer.close()
+
+        async def streaming(reader, writer):  # headers and a first event, then nothing for a while
+            await reader.readuntil(b"\r\n\r\n")
+            writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n")
+            await silent.wait()
+            writer.close()
+
+        servers = [await asyncio.start_server(handler, "127.0.0.1", 0) for handler in (frozen, streaming)]
+        urls = [f"http://127.0.0.1:{s.sockets[0].getsockname()[1]}" for s in servers]
+        pool = UpstreamPool()
+        try:
+            waiting = [asyncio.ensure_future(pool.request(urls[0], "/v1/completions", b"{}")) for _ in range(3)]
+            flowing = await pool.request(urls[1], "/v1/completions", b"{}")
+            sink = Sink()
+            flowing.stream(sink)
+            await asyncio.sleep(0.1)
+            assert not any(w.done() for w in waiting)
+            assert pool.abort_unanswered(urls[0], "left rotation") == 3
+            assert pool.abort_unanswered(urls[1], "left rotation") == 0  # its body has begun: left alone
+            for w in waiting:
+                with pytest.raises(UpstreamAborted, match="left rotation"):
+                    await asyncio.wait_for(w, 1)
+            await asyncio.sleep(0.05)
+            assert sink.pieces == [b"hello"] and not sink.done.done()
+            flowing.close()
+        finally:
+            silent.set()
+            await pool.close()
+            for s in servers:
+                s.close()
 
     asyncio.run(main())

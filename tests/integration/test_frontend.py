@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import re
 import signal
 import textwrap
 import threading
@@ -201,7 +200,8 @@ def test_kv_routing_sends_shared_prefixes_to_the_worker_holding_them(tmp_path, s
     assert stats.get("placement", "process") == placement
 
 
-def test_kill_9_a_worker_mid_stream_migrates_every_request(tmp_path, serve):
+@pytest.mark.parametrize("api_kind", ["completions", "chat"])
+def test_kill_9_a_worker_mid_stream_migrates_every_request(tmp_path, serve, api_kind):
     profile = mocker_profile(tmp_path, workers="""\
         w: {replicas: 3, args: {speedup-ratio: 1}}
         """)
@@ -213,15 +213,25 @@ def test_kill_9_a_worker_mid_stream_migrates_every_request(tmp_path, serve):
 
     def one(i: int) -> None:
         try:
-            stream = api.completions.create(model=MODEL, prompt=f"story {i} about the sea", max_tokens=300,
-                                            stream=True, stream_options={"include_usage": True})
-            text, usage, finish = "", 0, None
+            options = dict(model=MODEL, max_tokens=300, stream=True, stream_options={"include_usage": True})
+            if api_kind == "chat":
+                stream = api.chat.completions.create(
+                    messages=[{"role": "user", "content": f"story {i} about the sea"}], **options)
+            else:
+                stream = api.completions.create(prompt=f"story {i} about the sea", **options)
+            text, usage, finish, roles = "", 0, None, 0
             for chunk in stream:
                 if chunk.choices:
-                    text += chunk.choices[0].text or ""
-                    finish = chunk.choices[0].finish_reason or finish
+                    choice = chunk.choices[0]
+                    if api_kind == "chat":
+                        text += choice.delta.content or ""
+                        roles += choice.delta.role is not None
+                    else:
+                        text += choice.text or ""
+                    finish = choice.finish_reason or finish
                 if chunk.usage:
                     usage = chunk.usage.completion_tokens
+            assert roles == (1 if api_kind == "chat" else 0), f"{roles} role chunks"
             results.append((text, usage, finish))
         except BaseException as exc:  # noqa: BLE001 - the test reports any client failure
             errors.append(exc)
@@ -244,7 +254,7 @@ def test_kill_9_a_worker_mid_stream_migrates_every_request(tmp_path, serve):
 def test_requests_keep_succeeding_when_the_router_dies(tmp_path, serve):
     profile = mocker_profile(tmp_path, router="kv", workers="""\
         w: {replicas: 2, args: {speedup-ratio: 0}}
-        """, extra="frontend: {port: 0}\n" if False else "")
+        """)
     run = serve(profile)
     state = run.wait_ready(60)
     api = client(state)
@@ -256,6 +266,53 @@ def test_requests_keep_succeeding_when_the_router_dies(tmp_path, serve):
     assert metric(state["endpoint"], "dynamo_frontend_router_fallbacks_total") >= 1
     run.wait_for(lambda: run.state()["processes"]["router"]["status"] == "ready"
                  and run.state()["processes"]["router"]["pid"] != router_pid, what="router restarted")
+
+
+FAST_HEALTH = "readiness_probe: {period: 0.2s, timeout: 0.5s, failure_threshold: 2}"
+
+
+def health(state: dict) -> httpx.Response:
+    return httpx.get(state["endpoint"] + "/health", timeout=5)
+
+
+def test_health_is_503_while_no_worker_can_serve_and_recovers(tmp_path, serve):
+    profile = mocker_profile(tmp_path, workers=f"""\
+        w: {{replicas: 1, args: {{speedup-ratio: 0}}, {FAST_HEALTH}}}
+        """)
+    run = serve(profile)
+    state = run.wait_ready(60)
+    frozen = state["processes"]["w-0"]["pid"]
+    os.kill(frozen, signal.SIGSTOP)  # alive but failing its health probe
+    deadline = time.monotonic() + 15
+    while (reply := health(state)).status_code != 503 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert reply.status_code == 503
+    assert reply.json()["status"] == "unhealthy" and reply.json()["workers"] == []
+    # the supervisor replaces the frozen worker; the frontend serves again once it is ready
+    run.wait_for(lambda: health(state).status_code == 200, 60, "a healthy worker again")
+    assert run.state()["processes"]["w-0"]["pid"] != frozen
+    assert client(state).completions.create(model=MODEL, prompt="back", max_tokens=2).choices[0].text
+
+
+def test_a_worker_failing_health_leaves_rotation_and_returns(tmp_path, serve):
+    profile = mocker_profile(tmp_path, workers=f"""\
+        w: {{replicas: 2, args: {{speedup-ratio: 0}}, {FAST_HEALTH}}}
+        """)
+    run = serve(profile)
+    state = run.wait_ready(60)
+    api = client(state, timeout=30)
+    frozen = state["processes"]["w-0"]["pid"]
+    os.kill(frozen, signal.SIGSTOP)
+    # requests sent to the frozen worker fail over once it is found out; none is lost
+    replies = [api.completions.create(model=MODEL, prompt=f"during {i}", max_tokens=2) for i in range(8)]
+    assert all(r.choices[0].text for r in replies)
+    run.wait_for(lambda: [w["name"] for w in health(state).json()["workers"]] == ["w-1"], 15, "w-0 out of rotation")
+    run.wait_for(lambda: len(health(state).json()["workers"]) == 2, 60, "w-0 back in rotation")
+    back = run.state()["processes"]["w-0"]
+    assert back["pid"] != frozen
+    for i in range(8):
+        assert api.completions.create(model=MODEL, prompt=f"after {i}", max_tokens=2).choices[0].text
+    assert metric(back["url"], "vllm:request_success_total") >= 1  # the replacement takes its share
 
 
 def test_disaggregated_output_equals_aggregated_output(tmp_path, serve):
