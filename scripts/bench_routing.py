@@ -72,6 +72,7 @@ async def drive(url: str, prompts: list[str], concurrency: int, tokens: int, rat
     instead of slowing the clients down, as production traffic does."""
     queue = list(prompts)
     ttfts: list[float] = []
+    itls: list[float] = []  # per request: mean gap between its streamed tokens
     errors = 0
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
         async def request(prompt: str) -> None:
@@ -80,14 +81,19 @@ async def drive(url: str, prompts: list[str], concurrency: int, tokens: int, rat
             try:
                 async with session.post(url + "/v1/completions", json={
                         "model": MODEL, "prompt": prompt, "max_tokens": tokens, "stream": True}) as resp:
-                    first = None
+                    first = last = None
+                    events = 0
                     async for line in resp.content:
-                        if first is None and line.startswith(b"data: {"):
-                            first = time.perf_counter() - t0
+                        if line.startswith(b"data: {"):
+                            last = time.perf_counter() - t0
+                            first = last if first is None else first
+                            events += 1
                     if first is None:
                         errors += 1
                     else:
                         ttfts.append(first)
+                        if events > 1:
+                            itls.append((last - first) / (events - 1))
             except aiohttp.ClientError:
                 errors += 1
 
@@ -115,7 +121,7 @@ async def drive(url: str, prompts: list[str], concurrency: int, tokens: int, rat
     if not ttfts:
         raise RuntimeError(f"every request failed ({errors} errors)")
     return {"ttft_p50": statistics.median(ttfts) * 1000, "ttft_p99": ttfts[int(0.99 * (len(ttfts) - 1))] * 1000,
-            "req_s": len(ttfts) / elapsed, "errors": errors}
+            "itl_p50": statistics.median(itls) * 1000 if itls else 0.0, "req_s": len(ttfts) / elapsed, "errors": errors}
 
 
 def serve(mode: str, args: argparse.Namespace, home: Path, weight: float,
@@ -234,12 +240,13 @@ def main() -> None:
                 result = (run_sglang(name.split()[1], args, prompts, home) if mode == "sglang"
                           else run_dynamo(mode, weight, placement, args, prompts, home))
                 runs.setdefault(name, []).append(result)
-                print(f"round {round_no + 1} {name}: p50 {result['ttft_p50']:.1f} ms, p99 {result['ttft_p99']:.1f} ms, "
+                print(f"round {round_no + 1} {name}: TTFT p50 {result['ttft_p50']:.1f} ms, p99 {result['ttft_p99']:.1f} ms, "
+                      f"ITL p50 {result['itl_p50']:.2f} ms, "
                       f"{result['req_s']:.1f} req/s, hit rate {result['hit_rate']:.0%}, served {result['served']}",
                       flush=True)
     finally:
         shutil.rmtree(home, ignore_errors=True)
-    results = {name: {key: statistics.median(r[key] for r in rs) for key in ("ttft_p50", "ttft_p99", "req_s", "hit_rate")}
+    results = {name: {key: statistics.median(r[key] for r in rs) for key in ("ttft_p50", "ttft_p99", "itl_p50", "req_s", "hit_rate")}
                | {"errors": sum(r["errors"] for r in rs), "served": rs[-1]["served"]}
                for name, rs in runs.items()}
     base = results.get("round_robin")
@@ -249,12 +256,12 @@ def main() -> None:
           f"{args.workers} mocker workers × {args.blocks} blocks, "
           f"{f'Poisson {args.rate:g} req/s' if args.rate else f'concurrency {args.concurrency}'}, "
           f"{args.tokens} output tokens; medians of {args.repeat} interleaved round(s)")
-    print(f"{'router':22}{'TTFT p50 ms':>12}{'TTFT p99 ms':>12}{'req/s':>8}{'hit rate':>9}{'p50 vs rr':>11}"
+    print(f"{'router':22}{'TTFT p50 ms':>12}{'TTFT p99 ms':>12}{'ITL p50 ms':>11}{'req/s':>8}{'hit rate':>9}{'p50 vs rr':>11}"
           f"{'errors':>8}  requests per worker (last round)")
     for name, r in results.items():
         ratio = f"{base['ttft_p50'] / r['ttft_p50']:.2f}x" if base else "-"
         served = "/".join(map(str, r["served"]))
-        print(f"{name:22}{r['ttft_p50']:>12.1f}{r['ttft_p99']:>12.1f}{r['req_s']:>8.1f}{r['hit_rate']:>9.0%}{ratio:>11}"
+        print(f"{name:22}{r['ttft_p50']:>12.1f}{r['ttft_p99']:>12.1f}{r['itl_p50']:>11.2f}{r['req_s']:>8.1f}{r['hit_rate']:>9.0%}{ratio:>11}"
               f"{r['errors']:>8}  {served}")
 
 

@@ -92,8 +92,8 @@ def test_queued_prefill_counts_against_a_worker():
 def test_a_queue_computing_the_requests_own_prefix_is_not_charged():
     shared = list(range(100, 110))
     load = WorkerLoad()
-    load.add("first", blocks=10, prefill_blocks=10, prefill_hashes=shared)
-    load.add("other", blocks=6, prefill_blocks=6, prefill_hashes=range(200, 206))
+    load.add("first", blocks=shared, prefill_blocks=10, prefill_hashes=shared)
+    load.add("other", blocks=range(200, 206), prefill_blocks=6, prefill_hashes=range(200, 206))
     assert load.queued_prefill_blocks(shared + [7, 8], overlap_blocks=10) == 6  # only "other" delays it
     assert load.queued_prefill_blocks([1, 2, 3], overlap_blocks=0) == 16
     load.first_token("first")
@@ -111,12 +111,33 @@ def test_temperature_samples_but_prefers_cheap_workers():
 
 def test_load_accounting():
     load = WorkerLoad()
-    load.add("r", blocks=10, prefill_blocks=6)
+    load.add("r", blocks=range(10), prefill_blocks=6)
     assert (load.active_blocks, load.prefill_blocks, load.active_requests) == (10, 6, 1)
     load.first_token("r")
     assert load.prefill_blocks == 0
     load.finish("r")
     assert (load.active_blocks, load.active_requests) == (0, 0)
+
+
+def test_active_requests_sharing_a_prefix_hold_its_blocks_once():
+    prompt = chain_block_hashes(list(range(10 * BS)), BS)  # 10 blocks
+    other = chain_block_hashes(list(range(9 * BS)) + list(range(500, 500 + BS)), BS)  # same first 9 blocks
+    load = WorkerLoad()
+    for i in range(8):
+        load.add(f"same-{i}", blocks=prompt, prefill_blocks=0)
+    load.add("other", blocks=other, prefill_blocks=1)
+    assert load.active_blocks == 11 and load.active_requests == 9  # not 8 × 10 + 10
+    assert load.already_active(prompt) == 10 and load.already_active(other) == 10
+    assert load.already_active(chain_block_hashes(list(range(3 * BS)) + [9] * BS, BS)) == 3
+    # the holder costs the new request only its own blocks' prefill, and no new decode blocks
+    holder = kv_cost(10, 10, load.active_blocks, 1.0, 0, load.already_active(prompt))
+    empty = kv_cost(10, 0, 0, 1.0)
+    assert holder == 11 < empty == 20
+    for i in range(8):
+        load.finish(f"same-{i}")
+    assert load.active_blocks == 10 and load.already_active(prompt) == 9
+    load.finish("other")
+    assert load.active_blocks == 0 and not load.block_refs
 
 
 def test_router_prefers_overlap_then_spreads_load():
