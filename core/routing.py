@@ -59,23 +59,13 @@ class WorkerLoad:
         prefill ``prefill_blocks`` (``prefill_hashes``)."""
         blocks, hashes = tuple(blocks), tuple(prefill_hashes)
         self.requests[request_id] = (blocks, prefill_blocks, hashes)
-        refs = self.block_refs
-        for h in blocks:
-            refs[h] = refs.get(h, 0) + 1
+        _hold(self.block_refs, blocks)
         self.prefill_blocks += prefill_blocks
         self.active_requests += 1
-        pending = self.pending
-        for h in hashes:
-            pending[h] = pending.get(h, 0) + 1
+        _hold(self.pending, hashes)
 
     def _prefilled(self, hashes: tuple[int, ...]) -> None:
-        pending = self.pending
-        for h in hashes:
-            n = pending.get(h, 0) - 1
-            if n > 0:
-                pending[h] = n
-            else:
-                pending.pop(h, None)
+        _release(self.pending, hashes)
 
     def first_token(self, request_id: str) -> None:
         blocks, prefill, hashes = self.requests.get(request_id, ((), 0, ()))
@@ -88,13 +78,7 @@ class WorkerLoad:
         entry = self.requests.pop(request_id, None)
         if entry is not None:
             blocks, prefill, hashes = entry
-            refs = self.block_refs
-            for h in blocks:
-                n = refs.get(h, 0) - 1
-                if n > 0:
-                    refs[h] = n
-                else:
-                    refs.pop(h, None)
+            _release(self.block_refs, blocks)
             self.prefill_blocks -= prefill
             self.active_requests -= 1
             self._prefilled(hashes)
@@ -107,6 +91,20 @@ class WorkerLoad:
         pending = self.pending
         shared = sum(1 for h in hashes[:overlap_blocks] if h in pending) if pending and overlap_blocks else 0
         return max(self.prefill_blocks - shared, 0)
+
+
+def _hold(counts: dict[int, int], hashes: Sequence[int]) -> None:
+    for h in hashes:
+        counts[h] = counts.get(h, 0) + 1
+
+
+def _release(counts: dict[int, int], hashes: Sequence[int]) -> None:
+    for h in hashes:
+        n = counts.get(h, 0) - 1
+        if n > 0:
+            counts[h] = n
+        else:
+            counts.pop(h, None)
 
 
 def kv_cost(request_blocks: int, overlap_blocks: int, active_blocks: int, overlap_weight: float,
