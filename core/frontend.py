@@ -34,7 +34,6 @@ from dynamo.core.hashing import chain_block_hashes
 from dynamo.core.metrics import Counter, Gauge, Histogram, MetricSet
 from dynamo.core.upstream import UpstreamError, UpstreamPool, UpstreamResponse
 
-MAX_BODY = 32 * 2**20
 SUSPECT_SECONDS = 2.0
 _HOP_HEADERS = {"content-length", "transfer-encoding", "connection", "keep-alive", "content-encoding", "date", "server"}
 _json_encode = msgspec.json.Encoder().encode
@@ -363,7 +362,7 @@ class Frontend:
                 pass
 
     def app(self) -> web.Application:
-        app = web.Application(client_max_size=MAX_BODY, middlewares=[self._errors])
+        app = web.Application(client_max_size=int(self.args.max_body_mb * 2**20), middlewares=[self._errors])
         app.on_startup.append(self.start)
         app.on_cleanup.append(self.stop)
         app.router.add_post("/v1/chat/completions", self.chat)
@@ -454,7 +453,8 @@ class Frontend:
         try:
             raw = await request.read()
         except web.HTTPRequestEntityTooLarge:
-            raise ApiError(413, f"request body is larger than {MAX_BODY} bytes") from None
+            raise ApiError(413, f"request body is larger than {self.args.max_body_mb:g} MiB "
+                                f"(frontend.max_body_mb)") from None
         try:
             body = _json_decode(raw)
         except msgspec.DecodeError as exc:
@@ -897,6 +897,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--disagg-protocol", default="vllm", choices=sorted(PROTOCOLS),
                         help="How prefill and decode workers hand over the KV cache (the backend's protocol).")
     parser.add_argument("--discovery-ttl", type=float, default=DEFAULT_TTL)
+    parser.add_argument("--max-body-mb", type=float, default=32.0,
+                        help="Largest request body accepted, in MiB (larger: 413).")
     parser.add_argument("--api-key", default=os.environ.get("DYNAMO_API_KEY") or None,
                         help="Require 'Authorization: Bearer KEY' (default $DYNAMO_API_KEY).")
     return parser.parse_args(argv)

@@ -367,6 +367,7 @@ def build_plan(
             "--nats-url", nats_url, "--namespace", namespace,
             "--model", profile.model.name, "--router-mode", router.mode,
             "--block-size", str(profile.model.block_size), "--migration-limit", str(fe.migration_limit),
+            "--max-body-mb", f"{fe.max_body_mb:g}",
             "--router-timeout", f"{router.timeout:g}",
             "--disagg-protocol", BACKEND_PROTOCOL[profile.backend],
             *(["--disagg-threshold", str(router.disagg_threshold)] if router.disagg_threshold else []),

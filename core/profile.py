@@ -149,6 +149,8 @@ class FrontendSpec(Strict):
     port: int = Field(8000, ge=0, le=65535, description="0 picks a free port.")
     migration_limit: int = Field(3, ge=0, description="Times a stream broken midway may move to another worker.")
     api_key: str | None = Field(None, description="Require 'Authorization: Bearer <key>' (use ${VAR}).")
+    max_body_mb: float = Field(32.0, gt=0, description="Largest request body accepted, in MiB; a larger one gets "
+                               "413 with an OpenAI-style error.")
     readiness_probe: ReadinessProbe = ReadinessProbe()
     grace_period: Duration = 10.0
     restart: RestartPolicy | None = None

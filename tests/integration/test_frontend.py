@@ -109,6 +109,21 @@ def test_malformed_bodies_get_openai_errors_never_500(shared_run, body, status, 
         assert error["param"] == param
 
 
+def test_a_body_over_the_limit_gets_413_and_the_frontend_keeps_serving(shared_run):
+    huge = b'{"model": "%s", "prompt": "%s"}' % (MODEL.encode(), b"x" * (33 * 2**20))  # default limit: 32 MiB
+    reply = httpx.post(shared_run["endpoint"] + "/v1/completions", content=huge,
+                       headers={"content-type": "application/json"}, timeout=30)
+    assert reply.status_code == 413
+    assert "larger than 32 MiB" in reply.json()["error"]["message"]
+    # 2 MiB is within the limit (aiohttp's own default is 1 MiB): it reaches the worker, whose context it exceeds
+    big = httpx.post(shared_run["endpoint"] + "/v1/completions", timeout=30,
+                     json={"model": MODEL, "prompt": "x" * 2 * 2**20, "max_tokens": 1})
+    assert big.status_code == 400 and "maximum context length" in big.json()["error"]["message"]
+    ok = httpx.post(shared_run["endpoint"] + "/v1/completions", timeout=10,
+                    json={"model": MODEL, "prompt": "hi", "max_tokens": 1})
+    assert ok.status_code == 200, ok.text
+
+
 def test_request_id_and_health(shared_run):
     reply = httpx.post(shared_run["endpoint"] + "/v1/completions", headers={"x-request-id": "abc-123"},
                        json={"model": MODEL, "prompt": "hi", "max_tokens": 1}, timeout=10)
