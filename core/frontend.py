@@ -400,9 +400,11 @@ class Frontend:
         return ready
 
     def _workers_changed(self) -> None:
-        """Discovery changed. A worker that left rotation (failing health, gone, replaced) may still
-        hold requests it has not begun to answer, a frozen one forever: they go to another worker
-        now. Streams it is already sending are left to finish (or to migrate if they break)."""
+        """Discovery changed. A worker that left rotation (failing health, gone, replaced) may hold
+        streaming requests it has not answered at all, a frozen one forever: they go to another
+        worker now (engines answer a stream's headers at once, so nothing is lost). Streams it
+        has answered are left to finish or, if they break, to migrate; unary requests, whose
+        answer comes whole at the end, wait for the worker or its end."""
         current = {i.key: (i.url, i.data.get("pid")) for i in self.watcher.instances.values()}
         for key, (url, pid) in self.known.items():
             if current.get(key) != (url, pid) and self.upstream is not None:
@@ -681,7 +683,8 @@ class Frontend:
         client response otherwise (``attempt.finished`` says whether the stream completed)."""
         try:
             upstream = await self.upstream.request(worker.url, attempt.path, body, {
-                "x-request-id": attempt.request_id, "Content-Type": "application/json"})
+                "x-request-id": attempt.request_id, "Content-Type": "application/json"},
+                movable=bool(attempt.body.get("stream")))
         except UpstreamError as exc:
             raise UpstreamFailed(str(exc)) from None
         try:

@@ -27,7 +27,7 @@ class UpstreamError(Exception):
 
 
 class UpstreamAborted(UpstreamError):
-    """We gave up on the worker (it left rotation) before its response body began."""
+    """We gave up on the worker (it left rotation) before it answered at all."""
 
 
 class BodySink(Protocol):
@@ -129,6 +129,7 @@ class _Connection(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.idle_since = 0.0
         self.reused = False
+        self.movable = False  # the caller may send this request elsewhere until the worker answers
         self._reading_paused = False
         self._reset()
 
@@ -146,7 +147,6 @@ class _Connection(asyncio.Protocol):
         self._released = False
         self._keep_alive = True
         self._got_bytes = False
-        self._body_seen = False
 
     # ------------------------------------------------------------ asyncio callbacks
 
@@ -292,7 +292,6 @@ class _Connection(asyncio.Protocol):
                 self._left = size
 
     def _deliver(self, piece: bytes) -> None:
-        self._body_seen = True
         if self._sink is not None:
             self._sink.feed(piece)
         else:
@@ -395,10 +394,11 @@ class UpstreamPool:
         return target
 
     async def request(self, base_url: str, path: str, body: bytes, headers: dict[str, str] | None = None,
-                      method: str = "POST") -> UpstreamResponse:
+                      method: str = "POST", movable: bool = False) -> UpstreamResponse:
         """Send one request; return once the status line and headers are in.
 
         Raises UpstreamError when the worker cannot be reached or closes before answering.
+        ``movable``: :meth:`abort_unanswered` may give up on it while the worker has not answered.
         """
         host, port, host_line = self._target(base_url)
         extra = "".join(f"{k}: {v}\r\n" for k, v in headers.items()) if headers else ""
@@ -406,6 +406,7 @@ class UpstreamPool:
                             f"Content-Length: {len(body)}\r\n{extra}\r\n".encode("latin-1"), body))
         for attempt in range(_REUSE_RETRIES + 1):
             conn = await self._get(base_url, host, port)
+            conn.movable = movable
             try:
                 return await conn.send(request)
             except UpstreamError as exc:
@@ -450,12 +451,13 @@ class UpstreamPool:
         self._idle.setdefault(conn.key, []).append(conn)
 
     def abort_unanswered(self, base_url: str, reason: str) -> int:
-        """Give up on every request to ``base_url`` whose response body has not begun: each fails
-        with :class:`UpstreamAborted` (its caller can try another worker) and its connection
-        closes. Responses already flowing are left alone. Returns how many were given up."""
+        """Give up on every movable request to ``base_url`` the worker has not answered at all (no
+        status line yet): each fails with :class:`UpstreamAborted`, so its caller can try another
+        worker, and its connection closes. Answered requests are left alone (a unary response
+        arrives whole at the end, and the work behind it would be lost). Returns how many."""
         aborted = 0
         for conn in list(self._busy.get(base_url, ())):
-            if not conn._body_seen and not conn._complete and conn._error is None:
+            if conn.movable and conn._head is not None and conn._error is None:
                 conn._fail(UpstreamAborted(reason))
                 conn.abort()
                 aborted += 1

@@ -157,7 +157,7 @@ def test_a_body_cut_midway_reports_an_error_and_unreachable_workers_raise():
     asyncio.run(main())
 
 
-def test_giving_up_on_a_worker_fails_only_requests_it_has_not_begun_to_answer():
+def test_giving_up_on_a_worker_fails_only_movable_requests_it_has_not_answered():
     async def main() -> None:
         silent = asyncio.Event()  # a frozen worker: takes requests, never answers
 
@@ -166,7 +166,7 @@ def test_giving_up_on_a_worker_fails_only_requests_it_has_not_begun_to_answer():
             await silent.wait()
             writer.close()
 
-        async def streaming(reader, writer):  # headers and a first event, then nothing for a while
+        async def streaming(reader, writer):  # answers at once, then nothing for a while
             await reader.readuntil(b"\r\n\r\n")
             writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n")
             await silent.wait()
@@ -176,19 +176,22 @@ def test_giving_up_on_a_worker_fails_only_requests_it_has_not_begun_to_answer():
         urls = [f"http://127.0.0.1:{s.sockets[0].getsockname()[1]}" for s in servers]
         pool = UpstreamPool()
         try:
-            waiting = [asyncio.ensure_future(pool.request(urls[0], "/v1/completions", b"{}")) for _ in range(3)]
-            flowing = await pool.request(urls[1], "/v1/completions", b"{}")
+            waiting = [asyncio.ensure_future(pool.request(urls[0], "/v1/completions", b"{}", movable=True))
+                       for _ in range(3)]
+            unary = asyncio.ensure_future(pool.request(urls[0], "/v1/completions", b"{}"))  # not movable
+            flowing = await pool.request(urls[1], "/v1/completions", b"{}", movable=True)
             sink = Sink()
             flowing.stream(sink)
             await asyncio.sleep(0.1)
-            assert not any(w.done() for w in waiting)
+            assert not any(w.done() for w in (*waiting, unary))
             assert pool.abort_unanswered(urls[0], "left rotation") == 3
-            assert pool.abort_unanswered(urls[1], "left rotation") == 0  # its body has begun: left alone
+            assert pool.abort_unanswered(urls[1], "left rotation") == 0  # answered: left alone
             for w in waiting:
                 with pytest.raises(UpstreamAborted, match="left rotation"):
                     await asyncio.wait_for(w, 1)
             await asyncio.sleep(0.05)
-            assert sink.pieces == [b"hello"] and not sink.done.done()
+            assert sink.pieces == [b"hello"] and not sink.done.done() and not unary.done()
+            unary.cancel()
             flowing.close()
         finally:
             silent.set()

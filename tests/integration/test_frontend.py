@@ -318,9 +318,12 @@ def test_a_worker_failing_health_leaves_rotation_and_returns(tmp_path, serve):
     api = client(state, timeout=30)
     frozen = state["processes"]["w-0"]["pid"]
     os.kill(frozen, signal.SIGSTOP)
-    # requests sent to the frozen worker fail over once it is found out; none is lost
-    replies = [api.completions.create(model=MODEL, prompt=f"during {i}", max_tokens=2) for i in range(8)]
-    assert all(r.choices[0].text for r in replies)
+    # streams sent to the frozen worker move once it leaves rotation; unary requests too, once it is
+    # replaced; none is lost
+    for i in range(4):
+        chunks = list(api.completions.create(model=MODEL, prompt=f"during {i}", max_tokens=2, stream=True))
+        assert "".join(c.choices[0].text for c in chunks if c.choices)
+        assert api.completions.create(model=MODEL, prompt=f"during {i}", max_tokens=2).choices[0].text
     run.wait_for(lambda: [w["name"] for w in health(state).json()["workers"]] == ["w-1"], 15, "w-0 out of rotation")
     run.wait_for(lambda: len(health(state).json()["workers"]) == 2, 60, "w-0 back in rotation")
     back = run.state()["processes"]["w-0"]
