@@ -338,7 +338,7 @@ class Frontend:
             if self.args.router_embedded:
                 embedded = EmbeddedRouter(self.nc, self.namespace, self.watcher, self.args.block_size,
                                           self.args.overlap_weight, self.args.temperature, not self.args.no_kv_events,
-                                          self.args.approx_ttl)
+                                          self.args.approx_ttl, self.args.step_tokens)
                 await embedded.start()
                 self.router_client = embedded
             else:
@@ -893,6 +893,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--overlap-weight", type=float, default=1.0, help="Embedded router: KV cost weight.")
     parser.add_argument("--temperature", type=float, default=0.0, help="Embedded router: softmax temperature.")
     parser.add_argument("--approx-ttl", type=float, default=120.0, help="Embedded router: approximate-mode TTL.")
+    parser.add_argument("--step-tokens", type=int, default=8192,
+                        help="Embedded router: prefill tokens an engine batches into one step.")
     parser.add_argument("--no-kv-events", action="store_true", help="Embedded router: approximate mode only.")
     parser.add_argument("--migration-limit", type=int, default=3, help="Times a broken stream may move to another worker.")
     parser.add_argument("--disagg-threshold", type=int, default=0,

@@ -288,7 +288,8 @@ def build_plan(
     # Router: a process only for KV routing; the frontend does the simple modes itself.
     router = profile.router
     router_flags = ["--overlap-weight", f"{router.overlap_weight:g}", "--temperature", f"{router.temperature:g}",
-                    "--approx-ttl", f"{router.approx_ttl:g}", *([] if router.kv_events else ["--no-kv-events"])]
+                    "--approx-ttl", f"{router.approx_ttl:g}", "--step-tokens", str(router.step_tokens),
+                    *([] if router.kv_events else ["--no-kv-events"])]
     embedded_router = router.mode == "kv" and router.placement == "frontend"
     if router.mode == "kv" and not embedded_router:
         argv = [sys.executable, "-m", "dynamo.core.router", "--nats-url", nats_url, "--namespace", namespace,

@@ -167,6 +167,10 @@ class RouterSpec(Strict):
         "frontend (no network hop per decision; each frontend keeps its own index).")
     kv_events: bool = Field(True, description="Follow workers' KV events; false predicts caches from decisions.")
     approx_ttl: Duration = Field(120.0, description="Approximate mode: how long a routed prefix counts as cached.")
+    step_tokens: int = Field(
+        8192, ge=0, description="kv mode: prefill tokens an engine batches into one step (vLLM max_num_batched_tokens, "
+        "SGLang chunked_prefill_size, TensorRT-LLM max_num_tokens). A worker's queued prefill counts only where it "
+        "cannot share a step with the request's own; 0 counts the whole queue, as NVIDIA Dynamo does.")
     timeout: Duration = Field(0.1, description="The frontend routes round-robin when the router has not answered by then.")
     disagg_threshold: int = Field(
         0, ge=0, description="Prompts whose uncached part is shorter than this many tokens skip the prefill workers.")

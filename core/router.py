@@ -199,13 +199,15 @@ class HttpEventFeed:
 
 class Router:
     def __init__(self, namespace: str, block_size: int, overlap_weight: float = 1.0, temperature: float = 0.0,
-                 use_events: bool = True, approx_ttl: float = 120.0, rng: random.Random | None = None):
+                 use_events: bool = True, approx_ttl: float = 120.0, rng: random.Random | None = None,
+                 step_tokens: int = 0):
         self.namespace = namespace
         self.index = KvIndex(block_size)
         self.overlap_weight = overlap_weight
         self.temperature = temperature
         self.use_events = use_events
         self.approx_ttl = approx_ttl
+        self.step_blocks = step_tokens // block_size  # 0: the whole prefill queue counts (Dynamo's formula)
         self.pending_ttl = 10.0
         self.rng = rng or random.Random()
         self.loads: dict[str, WorkerLoad] = {}
@@ -253,7 +255,8 @@ class Router:
         for w in candidates:
             load, overlap = self.loads[w.key], overlaps.get(w.key, 0)
             costs[w.key] = kv_cost(request_blocks, overlap, load.active_blocks, self.overlap_weight,
-                                   load.queued_prefill_blocks(hashes, overlap), load.already_active(hashes))
+                                   load.queued_prefill_blocks(hashes, overlap, self.step_blocks),
+                                   load.already_active(hashes))
         chosen = pick_lowest(costs, self.temperature, self.rng, overlaps)
         overlap = overlaps.get(chosen, 0)
         if not account:
@@ -288,7 +291,7 @@ class Router:
 
 async def serve(args: argparse.Namespace) -> None:
     router = Router(args.namespace, args.block_size, args.overlap_weight, args.temperature,
-                    not args.no_kv_events, args.approx_ttl)
+                    not args.no_kv_events, args.approx_ttl, step_tokens=args.step_tokens)
     nc = await connect(args.nats_url, "dynamo-router", timeout=10.0)
     watcher = DiscoveryWatcher(nc, args.namespace, args.discovery_ttl)
     watcher.on_change = lambda: router.sync(dict(watcher.instances))
@@ -340,6 +343,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--temperature", type=float, default=0.0)
     parser.add_argument("--no-kv-events", action="store_true", help="Approximate mode for every worker.")
     parser.add_argument("--approx-ttl", type=float, default=120.0)
+    parser.add_argument("--step-tokens", type=int, default=8192,
+                        help="Prefill tokens an engine batches into one step: queued prefill beyond it counts.")
     parser.add_argument("--discovery-ttl", type=float, default=DEFAULT_TTL)
     args = parser.parse_args(argv)
     try:

@@ -67,10 +67,11 @@ class EmbeddedRouter:
     """A :class:`Router` living in the frontend process: decisions are plain function calls."""
 
     def __init__(self, nc, namespace: str, watcher: DiscoveryWatcher, block_size: int, overlap_weight: float,
-                 temperature: float, use_events: bool, approx_ttl: float):
+                 temperature: float, use_events: bool, approx_ttl: float, step_tokens: int = 0):
         self.nc = nc
         self.namespace = namespace
-        self.router = Router(namespace, block_size, overlap_weight, temperature, use_events, approx_ttl)
+        self.router = Router(namespace, block_size, overlap_weight, temperature, use_events, approx_ttl,
+                             step_tokens=step_tokens)
         self.watcher = watcher
         previous = watcher.on_change
 

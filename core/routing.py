@@ -83,14 +83,24 @@ class WorkerLoad:
             self.active_requests -= 1
             self._prefilled(hashes)
 
-    def queued_prefill_blocks(self, hashes: Sequence[int], overlap_blocks: int) -> int:
+    def queued_prefill_blocks(self, hashes: Sequence[int], overlap_blocks: int, step_blocks: int = 0) -> int:
         """Blocks this worker must prefill for earlier requests before ``hashes`` gets its turn,
-        not counting those that compute ``hashes``' own first ``overlap_blocks`` blocks."""
+        not counting those that compute ``hashes``' own first ``overlap_blocks`` blocks.
+
+        With ``step_blocks`` > 0 (an engine step's prefill budget, in blocks) only the queue
+        that cannot share a step with this request's own prefill counts: engines batch the
+        prefills they have into one step, so a short queue delays the request no more than
+        prefilling its own prefix on another worker would.
+        """
         if not self.prefill_blocks:
             return 0
         pending = self.pending
         shared = sum(1 for h in hashes[:overlap_blocks] if h in pending) if pending and overlap_blocks else 0
-        return max(self.prefill_blocks - shared, 0)
+        queued = max(self.prefill_blocks - shared, 0)
+        if step_blocks > 0:
+            own = max(len(hashes) - overlap_blocks, 0)
+            queued = max(queued + own - step_blocks, 0) - max(own - step_blocks, 0)
+        return queued
 
 
 def _hold(counts: dict[int, int], hashes: Sequence[int]) -> None:

@@ -167,3 +167,17 @@ def test_trtllm_json_events_apply():
     assert index.overlap(chain_block_hashes(ids, BS)) == {"w": 2}
     apply_trtllm_events(index, "w", [{"event_id": 2, "data": {"type": "removed", "block_hashes": [502]}}])
     assert index.overlap(chain_block_hashes(ids, BS)) == {"w": 1}
+
+
+def test_a_queue_that_fits_in_one_engine_step_with_the_request_is_not_charged():
+    load = WorkerLoad()
+    load.add("miss", blocks=range(1000, 1125), prefill_blocks=125, prefill_hashes=range(1000, 1125))
+    hit = list(range(127))  # a 127-block prompt, 125 of them cached here
+    assert load.queued_prefill_blocks(hit, overlap_blocks=125) == 125  # the whole queue (Dynamo)
+    assert load.queued_prefill_blocks(hit, overlap_blocks=125, step_blocks=512) == 0  # batched together
+    for i in range(9):
+        load.add(f"more-{i}", blocks=range(2000 + 200 * i, 2125 + 200 * i), prefill_blocks=125)
+    # 1,250 queued blocks: what cannot share the request's step still delays it
+    assert load.queued_prefill_blocks(hit, overlap_blocks=125, step_blocks=512) == 1250 + 2 - 512
+    # a request longer than a step is charged only for the queue, not for its own extra steps
+    assert load.queued_prefill_blocks(list(range(600)), overlap_blocks=0, step_blocks=512) == 1250
