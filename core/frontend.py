@@ -102,6 +102,12 @@ def validate(body: object, field_name: str, served_model: str | None) -> dict:
 # --------------------------------------------------------------------------- worker choice
 
 
+def _is_role_only(choice: dict) -> bool:
+    """A chat stream's opening chunk: the assistant's role, no content, no finish: no token."""
+    delta = choice.get("delta")
+    return isinstance(delta, dict) and "role" in delta and not delta.get("content") and not choice.get("finish_reason")
+
+
 def _incarnation(worker: Instance) -> tuple:
     """A worker process, not its slot: a replacement under the same name starts with a clean record."""
     return worker.key, worker.data.get("pid")
@@ -163,13 +169,9 @@ class Attempt:
                     choice = _json_decode(event[5:])["choices"][0]
                 except (msgspec.DecodeError, KeyError, IndexError, TypeError):
                     continue
-                if "delta" in choice:
-                    delta = choice.get("delta") or {}
-                    piece = delta.get("content")
-                    if "role" in delta and not piece and not choice.get("finish_reason"):
-                        continue
-                else:
-                    piece = choice.get("text")
+                if _is_role_only(choice):
+                    continue
+                piece = (choice.get("delta") or {}).get("content") if "delta" in choice else choice.get("text")
                 pieces.append(piece or "")
                 tokens += 1
         return "".join(pieces), tokens
@@ -769,13 +771,10 @@ class Frontend:
         attempt.drop_role = False
         end = events.find(b"\n\n") + 2
         try:
-            choice = _json_decode(events[5:end - 2])["choices"][0]
-            delta = choice["delta"]
-        except (msgspec.DecodeError, KeyError, IndexError, TypeError):
+            role_only = _is_role_only(_json_decode(events[5:end - 2])["choices"][0])
+        except (msgspec.DecodeError, KeyError, IndexError, TypeError, AttributeError):
             return events
-        if isinstance(delta, dict) and "role" in delta and not delta.get("content") and not choice.get("finish_reason"):
-            return events[end:]
-        return events
+        return events[end:] if role_only else events
 
     def _count_content(self, attempt: Attempt, events: bytes) -> bytes:
         count = events.count(b"\n\ndata:") + events.startswith(b"data:")

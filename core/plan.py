@@ -49,6 +49,10 @@ class ProbeSpec(BaseModel):
     failure_threshold: int
     startup_timeout: float
 
+    def http_url(self, live: bool = False) -> str | None:
+        """The URL to GET: ``live_url`` for the health checks of a ready process when set, else ``url``."""
+        return self.live_url if live and self.live_url else self.url
+
     def describe(self) -> str:
         target = {"http": f"GET {self.url}", "tcp": f"tcp {self.host}:{self.port}", "log": f"log /{self.pattern}/"}[self.kind]
         if self.warmup_url:

@@ -21,7 +21,7 @@ class Prober:
             return log_matched
         if probe.kind == "tcp":
             return await self._tcp(probe)
-        return await self._http(probe, probe.live_url if live and probe.live_url else probe.url)
+        return await self._http(probe, probe.http_url(live))
 
     async def warmup(self, probe: ProbeSpec) -> bool:
         """The one-off request a process must answer before it is ready (no-op without one)."""

@@ -60,7 +60,7 @@ def kubernetes_profile(loaded: LoadedProfile, nats_url: str) -> dict:
 def _probe(probe: ProbeSpec, port: int | None, kind: str) -> dict | None:
     """A Kubernetes probe matching ours: same target, period, timeout and threshold."""
     if probe.kind == "http" and port:
-        url = probe.live_url if kind == "liveness" and probe.live_url else probe.url
+        url = probe.http_url(live=kind == "liveness")
         path = "/" + url.split("/", 3)[3] if url and url.count("/") >= 3 else "/health"
         action: dict[str, Any] = {"httpGet": {"path": path, "port": port}}
     elif probe.kind == "tcp" and port:

@@ -407,6 +407,7 @@ class UpstreamPool:
         for attempt in range(_REUSE_RETRIES + 1):
             conn = await self._get(base_url, host, port)
             conn.movable = movable
+            self._busy.setdefault(base_url, set()).add(conn)
             try:
                 return await conn.send(request)
             except UpstreamError as exc:
@@ -430,7 +431,6 @@ class UpstreamPool:
             if conn.transport is not None and not conn.transport.is_closing() \
                     and now - conn.idle_since < self.idle_timeout:
                 conn.reused = True
-                self._busy.setdefault(key, set()).add(conn)
                 return conn
             conn.abort()
         loop = asyncio.get_running_loop()
@@ -439,14 +439,13 @@ class UpstreamPool:
                 loop.create_connection(lambda: _Connection(self, key), host, port), self.connect_timeout)
         except (OSError, asyncio.TimeoutError) as exc:
             raise UpstreamError(f"cannot connect to {host}:{port}: {exc or 'timed out'}") from None
-        self._busy.setdefault(key, set()).add(conn)
         return conn
 
     def _put(self, conn: _Connection) -> None:
         if self._closed:
             conn.abort()
             return
-        self._busy.get(conn.key, set()).discard(conn)
+        self._not_busy(conn)
         conn.idle_since = time.monotonic()
         self._idle.setdefault(conn.key, []).append(conn)
 
@@ -463,10 +462,13 @@ class UpstreamPool:
                 aborted += 1
         return aborted
 
-    def _forget(self, conn: _Connection) -> None:
+    def _not_busy(self, conn: _Connection) -> None:
         busy = self._busy.get(conn.key)
         if busy:
             busy.discard(conn)
+
+    def _forget(self, conn: _Connection) -> None:
+        self._not_busy(conn)
         idle = self._idle.get(conn.key)
         if idle and conn in idle:
             idle.remove(conn)

@@ -10,6 +10,7 @@ import asyncio
 import json
 import random
 import socket
+from contextlib import asynccontextmanager
 
 import aiohttp
 from aiohttp.test_utils import TestServer
@@ -97,7 +98,9 @@ class Discovery:
         pass
 
 
-async def start_frontend(urls: list[str]) -> tuple[Frontend, TestServer]:
+@asynccontextmanager
+async def running_frontend(urls: list[str]):
+    """A frontend over the scripted workers at ``urls``, closed on exit."""
     frontend = Frontend(parse_args(["--port", "0", "--nats-url", "nats://unused", "--namespace", "t"]))
     frontend.watcher = Discovery(urls)
     frontend.upstream = UpstreamPool()
@@ -105,7 +108,11 @@ async def start_frontend(urls: list[str]) -> tuple[Frontend, TestServer]:
     app.on_startup.clear()  # no NATS: the discovery stub above stands in
     server = TestServer(app)
     await server.start_server()
-    return frontend, server
+    try:
+        yield frontend, server
+    finally:
+        await server.close()
+        await frontend.upstream.close()
 
 
 async def stream(url: str, body: dict, path: str = "/v1/completions") -> bytes:
@@ -145,16 +152,12 @@ def test_events_split_anywhere_arrive_whole_and_are_counted():
         rng = random.Random(3)
         events = b"".join(event(f" t{i}") for i in range(40)) + event(" end", "length") + b"data: [DONE]\n\n"
         worker = ScriptedWorker(lambda body: (http_chunks(events, rng) + [b"0\r\n\r\n"], False))
-        frontend, server = await start_frontend([await worker.start()])
-        try:
+        async with running_frontend([await worker.start()]) as (frontend, server):
             for _ in range(3):
                 got = await stream(str(server.make_url("")), {"model": MODEL, "prompt": "p", "stream": True})
                 assert got == events
             assert frontend.m_output.value == 0  # no usage event: nothing claimed
             assert sum(frontend.m_itl.counts) == 3 * 40 and sum(frontend.m_ttft.counts) == 3
-        finally:
-            await server.close()
-            await frontend.upstream.close()
 
     asyncio.run(main())
 
@@ -168,8 +171,7 @@ def test_a_stream_broken_midway_continues_on_another_worker_from_the_text_sent()
         rest = event(" b0") + event(" b1", "length") + b"data: [DONE]\n\n"
         workers = [ScriptedWorker(lambda body: (broken, True)),
                    ScriptedWorker(lambda body: (http_chunks(rest, rng) + [b"0\r\n\r\n"], False))]
-        frontend, server = await start_frontend([await w.start() for w in workers])
-        try:
+        async with running_frontend([await w.start() for w in workers]) as (frontend, server):
             body = {"model": MODEL, "prompt": "p", "stream": True, "max_tokens": 12}
             got = await stream(str(server.make_url("")), body)
             assert got == first + rest
@@ -177,9 +179,6 @@ def test_a_stream_broken_midway_continues_on_another_worker_from_the_text_sent()
             assert continued["prompt"] == "p" + "".join(f" a{i}" for i in range(10))
             assert continued["max_tokens"] == 2
             assert frontend.m_migrations.value == 1
-        finally:
-            await server.close()
-            await frontend.upstream.close()
 
     asyncio.run(main())
 
@@ -193,8 +192,7 @@ def test_a_migrated_chat_stream_has_one_role_chunk_and_counts_only_tokens():
         rng = random.Random(7)
         workers = [ScriptedWorker(lambda body: (http_chunks(role + first, rng), True)),
                    ScriptedWorker(lambda body: (http_chunks(role + rest, rng) + [b"0\r\n\r\n"], False))]
-        frontend, server = await start_frontend([await w.start() for w in workers])
-        try:
+        async with running_frontend([await w.start() for w in workers]) as (frontend, server):
             body = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "stream": True,
                     "max_tokens": 7, "stream_options": {"include_usage": True}}
             got = await stream(str(server.make_url("")), body, "/v1/chat/completions")
@@ -205,9 +203,6 @@ def test_a_migrated_chat_stream_has_one_role_chunk_and_counts_only_tokens():
             assert continued["messages"][-1] == {"role": "assistant", "content": " a0 a1 a2 a3 a4"}
             assert continued["max_tokens"] == 2  # 7 asked, 5 tokens already sent (the role chunk is no token)
             assert events[-1]["usage"]["completion_tokens"] == 7
-        finally:
-            await server.close()
-            await frontend.upstream.close()
 
     asyncio.run(main())
 
@@ -218,9 +213,8 @@ def test_a_slow_client_gets_everything_and_a_vanished_client_stops_the_worker():
         many = [b"%x\r\n%s\r\n" % (len(big), big)] * 150
         done = b"data: [DONE]\n\n"
         worker = ScriptedWorker(lambda body: (many + [b"%x\r\n%s\r\n0\r\n\r\n" % (len(done), done)], False))
-        frontend, server = await start_frontend([await worker.start()])
-        url = str(server.make_url(""))
-        try:
+        async with running_frontend([await worker.start()]) as (frontend, server):
+            url = str(server.make_url(""))
             got = await stream_slowly(server, {"model": MODEL, "prompt": "p", "stream": True}, pause=0.5)
             assert got == big * 150 + done
             # the worker's stream waited for the paused client instead of piling up in the frontend
@@ -240,8 +234,5 @@ def test_a_slow_client_gets_everything_and_a_vanished_client_stops_the_worker():
                     break
                 await asyncio.sleep(0.01)
             assert gone.value == 1
-        finally:
-            await server.close()
-            await frontend.upstream.close()
 
     asyncio.run(main())
