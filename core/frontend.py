@@ -808,19 +808,7 @@ class Frontend:
             return event + b"\n\n"
         if b'"usage":{' in event:
             return self._usage_event(attempt, event)
-        now = time.perf_counter()
-        if attempt.first_token_at is None:
-            attempt.first_token_at = now
-            self.m_ttft.observe(now - attempt.started)
-            if self.kv_routing:
-                asyncio.ensure_future(self._router_event("first_token", attempt))
-        elif attempt.last_token_at is not None:
-            self.m_itl.observe(now - attempt.last_token_at)
-        attempt.last_token_at = now
-        attempt.chunks += 1
-        if self.args.migration_limit:
-            attempt.events.append(event)
-        return event + b"\n\n"
+        return self._count_content(attempt, event + b"\n\n")
 
     def _usage_event(self, attempt: Attempt, event: bytes) -> bytes:
         try:
