@@ -28,16 +28,20 @@ def serve(profile: str, overrides: list[str], backend: str | None, dry_run: bool
     plan = build_plan(loaded, detect_inventory(assume_gpus), node=node, replica=replica)
     if dry_run:
         if as_json:
-            typer.echo(plan.model_dump_json(indent=2))
+            typer.echo(plan.redacted().model_dump_json(indent=2))
         else:
-            typer.echo(render_plan(plan))
+            typer.echo(render_plan(plan.redacted()))
         return 0
     check_executables(plan)
     check_engine_argvs(plan)
     check_ports(plan)
     run = RunDir(run_dir) if run_dir else RunDir.create(dynamo_home(), new_run_id(plan.profile))
     run.logs.mkdir(parents=True, exist_ok=True)
-    (run.path / "plan.json").write_text(plan.model_dump_json(indent=2))
+    # the detached supervisor starts from this file, secrets included: readable by its owner only
+    fd = os.open(run.path / "plan.json", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    os.fchmod(fd, 0o600)
+    with os.fdopen(fd, "w") as out:
+        out.write(plan.model_dump_json(indent=2))
     if detach:
         return _detach(run, plan)
     from dynamo.core.printer import Printer

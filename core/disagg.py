@@ -30,6 +30,30 @@ class EarlyFinish(Exception):
         super().__init__("finished during prefill")
         self.response = response
 
+    def stream_chunks(self, include_usage: bool) -> list[dict]:
+        """The answer as the chunks a stream would have carried: its content with the finish reason,
+        then (``include_usage``) the usage chunk."""
+        answer = self.response
+        chat = answer.get("object") == "chat.completion"
+        base = {k: answer[k] for k in ("id", "created", "model") if k in answer}
+        base["object"] = "chat.completion.chunk" if chat else "text_completion"
+        choices = []
+        for i, choice in enumerate(answer.get("choices") or []):
+            if not isinstance(choice, dict):
+                continue
+            out: dict = {"index": choice.get("index", i)}
+            if chat:
+                message = choice.get("message") or {}
+                out["delta"] = {"role": message.get("role") or "assistant", "content": message.get("content") or ""}
+            else:
+                out["text"] = choice.get("text") or ""
+            out["finish_reason"] = choice.get("finish_reason")
+            choices.append(out)
+        chunks = [{**base, "choices": choices}]
+        if include_usage and isinstance(answer.get("usage"), dict):
+            chunks.append({**base, "choices": [], "usage": answer["usage"]})
+        return chunks
+
 
 class DisaggProtocol:
     name = ""

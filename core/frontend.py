@@ -49,6 +49,7 @@ class ApiError(Exception):
                  code: str | int | None = None):
         super().__init__(message)
         self.status, self.message, self.kind, self.param, self.code = status, message, kind, param, code
+        self.request_id: str | None = None
 
     def response(self, request_id: str | None = None) -> web.Response:
         body = {"error": {"message": self.message, "type": self.kind, "param": self.param,
@@ -65,6 +66,32 @@ class UpstreamFailed(Exception):
 # --------------------------------------------------------------------------- validation
 
 
+_MAX_TOKEN_ID = 2**32  # block hashes pack token ids as u32
+
+
+def _token_ids(value: object) -> bool:
+    """A non-empty array of token ids (engines judge the vocabulary; the router hashes them as u32)."""
+    return isinstance(value, list) and bool(value) and all(
+        type(t) is int and 0 <= t < _MAX_TOKEN_ID for t in value)
+
+
+def _valid_prompt(prompt: object) -> bool:
+    """What OpenAI's completions API takes: text, token ids, or an array of either."""
+    if isinstance(prompt, str) or _token_ids(prompt):
+        return True
+    return isinstance(prompt, list) and bool(prompt) and (
+        all(isinstance(p, str) for p in prompt) or all(_token_ids(p) for p in prompt))
+
+
+def single_prompt(prompt: object) -> str | list[int] | None:
+    """The one prompt of a completions request (a one-element array unwrapped); None for a batch."""
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
+        prompt = prompt[0]
+    if isinstance(prompt, str) or (isinstance(prompt, list) and prompt and type(prompt[0]) is int):
+        return prompt
+    return None
+
+
 def validate(body: object, field_name: str, served_model: str | None) -> dict:
     """Check what the gateway must know is right; engines validate the rest."""
     if not isinstance(body, dict):
@@ -78,28 +105,42 @@ def validate(body: object, field_name: str, served_model: str | None) -> dict:
         for i, message in enumerate(messages):
             if not isinstance(message, dict) or not isinstance(message.get("role"), str):
                 raise ApiError(400, f"'messages[{i}]' must be an object with a 'role'", param="messages")
-    else:
-        prompt = body["prompt"]
-        if not (isinstance(prompt, str) or (isinstance(prompt, list) and prompt and
-                                             all(isinstance(t, int) and not isinstance(t, bool) for t in prompt))):
-            raise ApiError(400, "'prompt' must be a string or a non-empty array of token ids", param="prompt")
+    elif not _valid_prompt(body["prompt"]):
+        raise ApiError(400, "'prompt' must be a string, an array of token ids (each 0 <= id < 2^32), or a "
+                            "non-empty array of either", param="prompt")
     model = body.get("model")
-    if not isinstance(model, str):
-        raise ApiError(400, "'model' is required and must be a string", param="model")
-    if served_model and model != served_model:
+    if model is not None and not isinstance(model, str):
+        raise ApiError(400, "'model' must be a string", param="model")
+    if served_model and model is not None and model != served_model:
         raise ApiError(404, f"the model {model!r} does not exist; this endpoint serves {served_model!r}",
                        "not_found_error", param="model", code="model_not_found")
-    stream = body.get("stream", False)
-    if not isinstance(stream, bool):
+    stream = body.get("stream")
+    if stream is not None and not isinstance(stream, bool):
         raise ApiError(400, "'stream' must be a boolean", param="stream")
     for key in ("max_tokens", "max_completion_tokens", "min_tokens", "n"):
         value = body.get(key)
-        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 0):
+        if isinstance(value, float) and value.is_integer():
+            value = int(value)
+        if value is not None and (type(value) is not int or value < 0):
             raise ApiError(400, f"'{key}' must be a non-negative integer", param=key)
     return body
 
 
 # --------------------------------------------------------------------------- worker choice
+
+
+def _ask_usage(attempt: Attempt) -> None:
+    """A stream's usage is asked of the worker even when the client did not ask for it, so that
+    the token metrics and a migrated stream's usage are exact; the client is not sent it."""
+    options = attempt.body.get("stream_options")
+    if options is None:
+        options = {}
+    if not isinstance(options, dict) or options.get("include_usage") not in (None, False):
+        return  # asked for by the client already, or malformed (the worker answers that)
+    options = {k: v for k, v in options.items() if k != "continuous_usage_stats"}  # off without include_usage
+    attempt.body = {**attempt.body, "stream_options": {**options, "include_usage": True}}
+    attempt.raw = _json_encode(attempt.body)
+    attempt.hide_usage = True
 
 
 def _is_role_only(choice: dict) -> bool:
@@ -153,6 +194,8 @@ class Attempt:
     hashes: list[int] | None = None
     prompt_tokens: int | None = None
     migrated: bool = False
+    continued_from: int = 0  # tokens generated before the last continuation was sent (its prompt holds them)
+    hide_usage: bool = False  # usage asked of the worker for the metrics, not wanted by the client
     drop_role: bool = False  # a continuation's opening role chunk: the client has had one already
     background: asyncio.Future | None = None  # a concurrent prefill request (SGLang)
 
@@ -306,10 +349,13 @@ class Frontend:
         self.suspect: dict[tuple, float] = {}  # worker incarnation -> until when it is avoided
         self.known: dict[str, tuple] = {}  # worker key -> (url, pid) as last seen in discovery
         metrics = self.metrics_set = MetricSet()
-        self.m_requests = metrics.add(Counter("dynamo_frontend_requests", "Requests by endpoint, type and status",
+        self.m_requests = metrics.add(Counter("dynamo_frontend_requests",
+                                              "Requests by endpoint, type (stream, unary; unknown if refused before "
+                                              "the body was read) and status",
                                               ["endpoint", "request_type", "status"]))
         self.m_inflight = metrics.add(Gauge("dynamo_frontend_inflight_requests", "Requests in flight"))
-        self.m_ttft = metrics.add(Histogram("dynamo_frontend_time_to_first_token_seconds", "Time to first token",
+        self.m_ttft = metrics.add(Histogram("dynamo_frontend_time_to_first_token_seconds",
+                                            "Time to first token of streamed requests",
                                             _LATENCY_BUCKETS))
         self.m_itl = metrics.add(Histogram("dynamo_frontend_inter_token_latency_seconds", "Gap between streamed chunks",
                                            _LATENCY_BUCKETS))
@@ -381,11 +427,15 @@ class Frontend:
             return await handler(request)
         except ApiError as exc:
             self.m_errors.labels(exc.kind).inc()
-            return exc.response(request.headers.get("x-request-id"))
+            return exc.response(exc.request_id or request.headers.get("x-request-id") or os.urandom(16).hex())
         except web.HTTPException as exc:
             if exc.status >= 400 and request.path.startswith("/v1/"):
                 kind = "not_found_error" if exc.status == 404 else "invalid_request_error"
-                return ApiError(exc.status, exc.reason or "error", kind).response()
+                response = ApiError(exc.status, exc.reason or "error", kind).response(
+                    request.headers.get("x-request-id") or os.urandom(16).hex())
+                if "Allow" in exc.headers:  # 405: which methods the route takes
+                    response.headers["Allow"] = exc.headers["Allow"]
+                return response
             raise
 
     # --------------------------------------------------------------- discovery views
@@ -438,6 +488,7 @@ class Frontend:
         return web.Response(body=self.metrics_set.render(), content_type="text/plain", charset="utf-8")
 
     async def models(self, request: web.Request) -> web.Response:
+        self._check_key(request)
         names = sorted({w.data.get("model") for w in self.serving_workers() if w.data.get("model")})
         data = [{"id": n, "object": "model", "created": 0, "owned_by": "dynamo"} for n in names]
         return web.json_response({"object": "list", "data": data})
@@ -452,57 +503,76 @@ class Frontend:
 
     async def _generate(self, request: web.Request, path: str, field_name: str) -> web.StreamResponse:
         request_id = request.headers.get("x-request-id") or os.urandom(16).hex()
-        if self.args.api_key and request.headers.get("Authorization") != f"Bearer {self.args.api_key}":
-            raise ApiError(401, "invalid or missing API key", "authentication_error", code="invalid_api_key")
-        try:
-            raw = await request.read()
-        except web.HTTPRequestEntityTooLarge:
-            raise ApiError(413, f"request body is larger than {self.args.max_body_mb:g} MiB "
-                                f"(frontend.max_body_mb)") from None
-        try:
-            body = _json_decode(raw)
-        except msgspec.DecodeError as exc:
-            raise ApiError(400, f"request body is not valid JSON: {exc}") from None
-        validate(body, field_name, self.model)
-        attempt = Attempt(request_id, path, body, raw)
+        started = time.perf_counter()
+        attempt: Attempt | None = None
+        kind, status = "unknown", "500"  # the request type is known once the body is read
         self.m_inflight.inc()
-        status = "500"
         try:
+            self._check_key(request)
+            try:
+                raw = await request.read()
+            except web.HTTPRequestEntityTooLarge:
+                raise ApiError(413, f"request body is larger than {self.args.max_body_mb:g} MiB "
+                                    f"(frontend.max_body_mb)") from None
+            try:
+                body = _json_decode(raw)
+            except (msgspec.DecodeError, RecursionError) as exc:
+                raise ApiError(400, f"request body is not valid JSON: {exc}") from None
+            if isinstance(body, dict):
+                kind = "stream" if body.get("stream") is True else "unary"
+            validate(body, field_name, self.model)
+            attempt = Attempt(request_id, path, body, raw, started=started)
+            if kind == "stream":
+                _ask_usage(attempt)
             response = await self._serve(request, attempt)
             status = str(response.status)
             return response
         except ApiError as exc:
             status = str(exc.status)
+            exc.request_id = request_id
             raise
         except asyncio.CancelledError:
             status = "499"  # the client went away
             raise
         finally:
             self.m_inflight.dec()
-            self.m_requests.labels(path, "stream" if body.get("stream") else "unary", status).inc()
-            self.m_duration.observe(time.perf_counter() - attempt.started)
-            if self.kv_routing:
-                await self._router_event("finished", attempt)
+            self.m_requests.labels(path, kind, status).inc()
+            self.m_duration.observe(time.perf_counter() - started)
+            if attempt is not None:
+                if attempt.usage:
+                    self.m_input.inc(attempt.usage.get("prompt_tokens") or 0)
+                    self.m_output.inc(attempt.usage.get("completion_tokens") or 0)
+                if self.kv_routing:
+                    await self._router_event("finished", attempt)
+
+    def _check_key(self, request: web.Request) -> None:
+        if self.args.api_key and request.headers.get("Authorization") != f"Bearer {self.args.api_key}":
+            raise ApiError(401, "invalid or missing API key", "authentication_error", code="invalid_api_key")
 
     async def _serve(self, request: web.Request, attempt: Attempt) -> web.StreamResponse:
         try:
             prefill_fields = await self._maybe_prefill(attempt)
         except EarlyFinish as done:
-            return await self._early_finish(request, attempt, done.response)
+            return await self._early_finish(request, attempt, done)
         try:
             return await self._decode(request, attempt, prefill_fields)
         finally:
             if attempt.background is not None and not attempt.background.done():
                 attempt.background.cancel()
 
-    async def _early_finish(self, request: web.Request, attempt: Attempt, answer: dict) -> web.StreamResponse:
+    async def _early_finish(self, request: web.Request, attempt: Attempt, done: EarlyFinish) -> web.StreamResponse:
+        """The prefill worker's answer is the whole answer: sent as it is, or as a short stream."""
+        answer = done.response
+        if isinstance(answer.get("usage"), dict):
+            attempt.usage = answer["usage"]
+        headers = {"x-request-id": attempt.request_id}
         if not attempt.body.get("stream"):
-            return web.Response(body=_json_encode(answer), content_type="application/json",
-                                headers={"x-request-id": attempt.request_id})
-        response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "x-request-id": attempt.request_id})
+            return web.Response(body=_json_encode(answer), content_type="application/json", headers=headers)
+        events = b"".join(b"data: " + _json_encode(chunk) + b"\n\n" for chunk in done.stream_chunks(not attempt.hide_usage))
+        self.m_ttft.observe(time.perf_counter() - attempt.started)
+        response = _EventStreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache", **headers})
         await response.prepare(request)
-        await response.write(b"data: [DONE]\n\n")
-        await response.write_eof()
+        await response.write_eof(events + b"data: [DONE]\n\n")
         return response
 
     async def _decode(self, request: web.Request, attempt: Attempt, prefill_fields: dict | None) -> web.StreamResponse:
@@ -552,7 +622,7 @@ class Frontend:
         return _json_encode(body)
 
     def _can_continue(self, attempt: Attempt) -> bool:
-        return attempt.path.endswith("chat/completions") or isinstance(attempt.body.get("prompt"), str)
+        return attempt.path.endswith("chat/completions") or isinstance(single_prompt(attempt.body.get("prompt")), str)
 
     def _continuation(self, attempt: Attempt) -> dict:
         """The original request, continued from what the client already received."""
@@ -564,12 +634,12 @@ class Frontend:
             body["add_generation_prompt"] = False
             attempt.drop_role = True
         else:
-            body["prompt"] = body["prompt"] + generated
-        for key in ("max_tokens", "max_completion_tokens"):
-            if isinstance(body.get(key), int):
-                body[key] = max(body[key] - attempt.chunks, 1)
-        if isinstance(body.get("min_tokens"), int):
-            body["min_tokens"] = max(body["min_tokens"] - attempt.chunks, 0)
+            body["prompt"] = single_prompt(body["prompt"]) + generated
+        attempt.continued_from = attempt.chunks
+        for key, least in (("max_tokens", 1), ("max_completion_tokens", 1), ("min_tokens", 0)):
+            value = body.get(key)
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                body[key] = max(int(value) - attempt.chunks, least)
         return body
 
     # --------------------------------------------------------------- routing
@@ -581,13 +651,12 @@ class Frontend:
                 try:
                     if attempt.path.endswith("chat/completions"):
                         ids = self.tokenizer.apply_chat_template(attempt.body["messages"])
-                    elif isinstance(attempt.body["prompt"], str):
-                        ids = self.tokenizer.encode(attempt.body["prompt"])
                     else:
-                        ids = attempt.body["prompt"]
+                        prompt = single_prompt(attempt.body["prompt"])
+                        ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else prompt or []
                 except Exception:
                     ids = []  # the engine reports template problems itself
-            attempt.prompt_tokens = len(ids)
+            attempt.prompt_tokens = len(ids) if ids else None
             attempt.hashes = chain_block_hashes(ids, self.args.block_size) if ids else []
         return attempt.hashes
 
@@ -811,6 +880,7 @@ class Frontend:
         return self._count_content(attempt, event + b"\n\n")
 
     def _usage_event(self, attempt: Attempt, event: bytes) -> bytes:
+        """An event carrying usage: the last one (``include_usage``) or every one (``continuous_usage_stats``)."""
         try:
             data = _json_decode(event[5:])
         except msgspec.DecodeError:
@@ -818,30 +888,34 @@ class Frontend:
         usage = data.get("usage") if isinstance(data, dict) else None
         if not isinstance(usage, dict):
             return event + b"\n\n"
-        if data.get("choices"):
-            attempt.chunks += 1  # a last content chunk that carries usage too
+        choices = data.get("choices")
+        if choices:
+            self._count_content(attempt, event + b"\n\n")  # a content chunk that carries usage too
         if attempt.migrated:
-            # the client's view of the whole request, not the last worker's continuation
-            prompt = attempt.prompt_tokens or usage.get("prompt_tokens", 0)
+            # the client's view of the whole request, not the last worker's continuation (whose prompt
+            # holds the text generated before it)
+            prompt = attempt.prompt_tokens or max((usage.get("prompt_tokens") or 0) - attempt.continued_from, 0)
             usage = {"prompt_tokens": prompt, "completion_tokens": attempt.chunks, "total_tokens": prompt + attempt.chunks}
             data["usage"] = usage
             event = b"data: " + _json_encode(data)
         attempt.usage = usage
-        self.m_input.inc(usage.get("prompt_tokens", 0))
-        self.m_output.inc(usage.get("completion_tokens", 0))
+        if attempt.hide_usage:
+            if not choices:
+                return b""  # the usage chunk the frontend asked for itself
+            del data["usage"]
+            event = b"data: " + _json_encode(data)
         return event + b"\n\n"
 
     def _count_unary(self, attempt: Attempt, data: bytes, status: int) -> None:
         if status != 200:
             self.m_errors.labels("upstream_" + str(status)).inc()
             return
-        self.m_ttft.observe(time.perf_counter() - attempt.started)
         try:
-            usage = _json_decode(data).get("usage") or {}
+            usage = _json_decode(data).get("usage")
         except (msgspec.DecodeError, AttributeError):
             return
-        self.m_input.inc(usage.get("prompt_tokens", 0))
-        self.m_output.inc(usage.get("completion_tokens", 0))
+        if isinstance(usage, dict):
+            attempt.usage = usage
 
     async def _stream_error(self, response: web.StreamResponse, message: str) -> None:
         self.m_errors.labels("stream_interrupted").inc()

@@ -8,6 +8,7 @@ and what it depends on. ``{run_dir}`` in argv and env is filled in by the superv
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import sys
 from typing import Any, Literal
@@ -30,6 +31,10 @@ STAGES = ("nats", "router", "worker", "frontend")
 # How long the supervisor waits for the infrastructure processes by default.
 _NATS_STARTUP = 20.0
 _FRONTEND_STARTUP = 60.0
+
+
+SECRET_ENV = frozenset({"DYNAMO_API_KEY"})
+_CREDENTIALS = re.compile(r"(\w+://)[^@/\s]+@")  # nats://TOKEN@host
 
 
 class ProbeSpec(BaseModel):
@@ -115,6 +120,18 @@ class Plan(BaseModel):
             if proc.name == name:
                 return proc
         raise KeyError(name)
+
+    def redacted(self) -> Plan:
+        """A copy fit to print: the API key, the NATS token and credentials in URLs become ``***``."""
+        def argv(args: list[str]) -> list[str]:
+            out = [_CREDENTIALS.sub(r"\1***@", a) for a in args]
+            return [("***" if i and out[i - 1] == "--auth" else a) for i, a in enumerate(out)]
+
+        processes = [proc.model_copy(update={
+            "argv": argv(proc.argv),
+            "env": {k: ("***" if k in SECRET_ENV else _CREDENTIALS.sub(r"\1***@", v)) for k, v in proc.env.items()},
+        }) for proc in self.processes]
+        return self.model_copy(update={"processes": processes, "nats_url": _CREDENTIALS.sub(r"\1***@", self.nats_url)})
 
 
 def _probe(probe: ReadinessProbe, default: ReadinessProbe, host: str, port: int | None, startup: float) -> ProbeSpec:

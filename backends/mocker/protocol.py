@@ -127,7 +127,9 @@ def _number(body: dict, key: str, lo: float | None = None, hi: float | None = No
     if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
         raise bad(f"'{key}' must be a number, got {_type_name(v)}", key)
     if (lo is not None and v < lo) or (hi is not None and v > hi):
-        raise bad(f"'{key}' must be between {lo} and {hi}, got {v}", key)
+        limits = f"between {lo} and {hi}" if lo is not None and hi is not None else (
+            f"at least {lo}" if lo is not None else f"at most {hi}")
+        raise bad(f"'{key}' must be {limits}, got {v}", key)
 
 
 def _messages(v: Any) -> list[dict]:
@@ -194,6 +196,31 @@ def _prompt(v: Any) -> str | list[int]:
     raise bad("'prompt' must be a string, an array of token ids, or a one-element array of either", "prompt")
 
 
+def _tools(body: dict) -> None:
+    """Tool definitions are checked; a request that lets the model call them is refused (the
+    mocker cannot produce tool calls, as vLLM refuses without a tool parser)."""
+    tools = body.get("tools")
+    if tools is None:
+        return
+    if not isinstance(tools, list) or not all(
+            isinstance(t, dict) and t.get("type") == "function" and isinstance(t.get("function"), dict)
+            and isinstance(t["function"].get("name"), str) for t in tools):
+        raise bad("'tools' must be an array of {\"type\": \"function\", \"function\": {\"name\": ...}} objects", "tools")
+    if tools and body.get("tool_choice", "auto") != "none":
+        raise bad("tool calls are not supported by the mocker; send tool_choice \"none\" or no tools", "tool_choice")
+
+
+def _response_format(v: Any) -> None:
+    if v is None:
+        return
+    kind = v.get("type") if isinstance(v, dict) else None
+    if kind not in ("text", "json_object", "json_schema"):
+        raise bad("'response_format.type' must be one of text, json_object, json_schema", "response_format")
+    if kind != "text":
+        raise bad(f"response_format {kind!r} is not supported by the mocker (it generates free text)",
+                  "response_format")
+
+
 def _stop(v: Any) -> list[str]:
     if v is None:
         return []
@@ -206,13 +233,16 @@ def _stop(v: Any) -> list[str]:
     return list(v)
 
 
+COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # vLLM's and OpenAI's default for /v1/completions
+
+
 def parse_request(raw: bytes, *, chat: bool) -> GenerationRequest:
     """Validate a request body; raises :class:`ApiError` (400) on any client mistake."""
     if not raw:
         raise bad("request body is empty; expected a JSON object")
     try:
         body = _json_decode(raw)
-    except msgspec.DecodeError as exc:
+    except (msgspec.DecodeError, RecursionError) as exc:
         raise bad(f"request body is not valid JSON: {exc}") from None
     if not isinstance(body, dict):
         raise bad(f"request body must be a JSON object, got {_type_name(body)}")
@@ -228,16 +258,19 @@ def parse_request(raw: bytes, *, chat: bool) -> GenerationRequest:
         mct = _int(body, "max_completion_tokens", minimum=1)
         mt = _int(body, "max_tokens", minimum=1)
         req.max_tokens = mct if mct is not None else mt
-        v = body.get("logprobs")
-        if v is not None and type(v) is not bool:
-            raise bad("'logprobs' must be a boolean", "logprobs")
-        _int(body, "top_logprobs", minimum=0)
+        if _bool(body, "logprobs") or _int(body, "top_logprobs", minimum=0):
+            raise bad("'logprobs' is not supported by the mocker (it has no model to take them from)", "logprobs")
+        _tools(body)
     else:
         req.prompt = _prompt(body.get("prompt"))
         req.max_tokens = _int(body, "max_tokens", minimum=1)
-        _int(body, "logprobs", minimum=0)
+        if req.max_tokens is None:
+            req.max_tokens = COMPLETIONS_DEFAULT_MAX_TOKENS
+        if _int(body, "logprobs", minimum=0) is not None:
+            raise bad("'logprobs' is not supported by the mocker (it has no model to take them from)", "logprobs")
         if _bool(body, "echo"):
             raise bad("'echo' is not supported by the mocker", "echo")
+    _response_format(body.get("response_format"))
 
     n = _int(body, "n", minimum=1)
     if n is not None and n > 1:
@@ -277,7 +310,8 @@ def parse_request(raw: bytes, *, chat: bool) -> GenerationRequest:
         if not req.stream:
             raise bad("Stream options can only be defined when `stream=True`.", "stream_options")
         req.include_usage = _bool(opts, "include_usage")
-        req.continuous_usage = _bool(opts, "continuous_usage_stats")
+        # as vLLM: per-chunk usage only together with include_usage
+        req.continuous_usage = _bool(opts, "continuous_usage_stats") and req.include_usage
 
     ktp = body.get("kv_transfer_params")
     if ktp is not None and not isinstance(ktp, dict):

@@ -127,9 +127,11 @@ def test_stop_strings_min_tokens_and_natural_end(fast_mocker):
         model="mock", prompt="hello", max_tokens=10, seed=5, stop=[stop], extra_body={"min_tokens": 10}
     )
     assert r.choices[0].finish_reason == "length" and r.choices[0].text == base
-    # Without max_tokens the simulated model ends its answer itself (EOS -> "stop").
-    r = c.completions.create(model="mock", prompt="hello", seed=5)
+    # Without max_tokens a chat answer ends by itself (EOS -> "stop"); completions stop at 16 tokens as in vLLM.
+    r = c.chat.completions.create(model="mock", messages=MSG, seed=5)
     assert r.choices[0].finish_reason == "stop" and 16 <= r.usage.completion_tokens <= 256
+    r = c.completions.create(model="mock", prompt="hello", seed=5)
+    assert r.choices[0].finish_reason == "length" and r.usage.completion_tokens == 16
 
 
 def test_models_health_version(fast_mocker, get_json):
@@ -159,6 +161,15 @@ BAD_BODIES = [
     ("/v1/completions", {"model": "mock", "prompt": ""}, 400),
     ("/v1/completions", {"model": "mock", "prompt": "x", "stream": False, "stream_options": {}}, 400),
     ("/v1/completions", {"model": "mock", "prompt": [1] * 40000}, 400),
+    ("/v1/completions", b'{"prompt": "x", "a": ' + b"[" * 200_000 + b"]" * 200_000 + b"}", 400),  # RecursionError
+    # what the mocker cannot simulate is refused, not silently ignored
+    ("/v1/chat/completions", {"model": "mock", "messages": MSG, "logprobs": True, "top_logprobs": 2}, 400),
+    ("/v1/completions", {"model": "mock", "prompt": "x", "logprobs": 2}, 400),
+    ("/v1/chat/completions", {"model": "mock", "messages": MSG, "tools": 5}, 400),
+    ("/v1/chat/completions", {"model": "mock", "messages": MSG, "tool_choice": "required", "tools": [
+        {"type": "function", "function": {"name": "f", "parameters": {}}}]}, 400),
+    ("/v1/chat/completions", {"model": "mock", "messages": MSG, "response_format": {"type": "nope"}}, 400),
+    ("/v1/chat/completions", {"model": "mock", "messages": MSG, "response_format": {"type": "json_object"}}, 400),
 ]
 
 
@@ -168,6 +179,14 @@ def test_malformed_requests_get_openai_errors(fast_mocker, path, body, status):
     assert code == status, data
     assert isinstance(data, dict) and set(data["error"]) == {"message", "type", "param", "code"}
     assert data["error"]["code"] == status and data["error"]["message"]
+
+
+def test_tools_the_model_may_not_call_and_text_format_are_accepted(fast_mocker):
+    tools = [{"type": "function", "function": {"name": "f", "parameters": {}}}]
+    code, data = post(fast_mocker, "/v1/chat/completions", {"model": "mock", "messages": MSG, "max_tokens": 2,
+                                                           "tools": tools, "tool_choice": "none",
+                                                           "response_format": {"type": "text"}})
+    assert code == 200 and data["usage"]["completion_tokens"] == 2
 
 
 def test_openai_client_raises_typed_errors(fast_mocker):

@@ -72,7 +72,7 @@ def test_valid_requests_parse():
     r = parse_request(b'{"prompt": [[1, 2, 3]], "max_tokens": 2}', chat=False)
     assert r.prompt == [1, 2, 3]
     r = parse_request(b'{"prompt": ["hello"]}', chat=False)
-    assert r.prompt == "hello" and r.max_tokens is None
+    assert r.prompt == "hello" and r.max_tokens == 16  # vLLM's completions default
 
 
 def test_stream_chunks_are_valid_json():

@@ -66,3 +66,18 @@ def test_trtllm_first_token_eos_finishes_early():
     answer = {"choices": [{"finish_reason": "stop", "disaggregated_params": {"ctx_request_id": 1}}]}
     with pytest.raises(EarlyFinish):
         proto.decode_fields(BODY, answer, ctx, "/v1/completions")
+
+
+def test_an_early_finish_streams_its_text_finish_reason_and_usage():
+    usage = {"prompt_tokens": 5, "completion_tokens": 1, "total_tokens": 6}
+    chat = EarlyFinish({"id": "c1", "object": "chat.completion", "created": 3, "model": "m", "usage": usage,
+                        "choices": [{"index": 0, "message": {"role": "assistant", "content": "Hi"},
+                                     "finish_reason": "stop"}]})
+    first, last = chat.stream_chunks(include_usage=True)
+    assert first == {"id": "c1", "object": "chat.completion.chunk", "created": 3, "model": "m", "choices": [
+        {"index": 0, "delta": {"role": "assistant", "content": "Hi"}, "finish_reason": "stop"}]}
+    assert last["choices"] == [] and last["usage"] == usage
+    text = EarlyFinish({"id": "t", "object": "text_completion", "model": "m", "usage": usage,
+                        "choices": [{"index": 0, "text": "!", "finish_reason": "stop"}]})
+    assert text.stream_chunks(include_usage=False) == [
+        {"id": "t", "object": "text_completion", "model": "m", "choices": [{"index": 0, "text": "!", "finish_reason": "stop"}]}]

@@ -103,6 +103,20 @@ def test_nats_on_a_public_address_needs_a_token():
         plan_of("name: p\nmodel: {name: m}\nnats: {host: 0.0.0.0}\nworkers: {w: {}}\n")
 
 
+def test_dry_run_hides_the_api_key_and_the_nats_token(tmp_path):
+    profile = tmp_path / "p.yaml"
+    profile.write_text("name: p\nmodel: {name: m}\nbackend: mocker\nnats: {host: 0.0.0.0, token: ${TOK}}\n"
+                       "frontend: {api_key: ${KEY}}\nworkers: {w: {}}\n")
+    secrets = {"TOK": "nats-secret-1", "KEY": "api-secret-2"}
+    for flags in ((), ("--json",)):
+        shown = dynamo("serve", str(profile), "--dry-run", *flags, env=secrets)
+        assert shown.returncode == 0, shown.stderr
+        assert "***" in shown.stdout and "secret" not in shown.stdout
+    plan = plan_of(profile.read_text().replace("${TOK}", "t0k").replace("${KEY}", "k3y"))
+    assert plan.get("frontend").env["DYNAMO_API_KEY"] == "k3y"  # the processes still get them
+    assert "t0k" in plan.get("nats").argv and "t0k" not in plan.redacted().get("nats").argv
+
+
 def test_launcher_owned_flags_are_refused_with_the_key_to_use():
     with pytest.raises(PlanError, match=r"the launcher sets --port.*ports.base"):
         plan_of("name: p\nmodel: {name: m}\nworkers:\n  w: {args: {port: 9}}\n")

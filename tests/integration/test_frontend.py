@@ -93,7 +93,7 @@ def test_openai_client_through_the_default_profile(serve):
         (b'{"model": "%s"}' % MODEL.encode(), 400, "messages"),
         (b'{"model": "%s", "messages": "hi"}' % MODEL.encode(), 400, "messages"),
         (b'{"model": "%s", "messages": [{"content": "x"}]}' % MODEL.encode(), 400, "messages"),
-        (b'{"messages": [{"role": "user", "content": "x"}]}', 400, "model"),
+        (b'{"model": 7, "messages": [{"role": "user", "content": "x"}]}', 400, "model"),
         (b'{"model": "%s", "messages": [{"role": "user", "content": "x"}], "stream": "yes"}' % MODEL.encode(), 400, "stream"),
         (b'{"model": "%s", "messages": [{"role": "user", "content": "x"}], "max_tokens": -5}' % MODEL.encode(), 400, "max_tokens"),
         (b'{"model": "%s", "messages": [{"role": "user", "content": "x"}], "n": 3}' % MODEL.encode(), 400, None),
@@ -107,6 +107,37 @@ def test_malformed_bodies_get_openai_errors_never_500(shared_run, body, status, 
     assert error["message"] and error["type"] and "code" in error
     if param:
         assert error["param"] == param
+
+
+@pytest.mark.parametrize("body", [
+    {"model": MODEL, "prompt": [-5] * 32},  # token ids the router packs as u32
+    {"model": MODEL, "prompt": [2**32] * 32},
+    {"model": MODEL, "prompt": [[1, 2], "mixed"]},
+])
+def test_bad_prompts_get_400_never_500(shared_run, body):
+    reply = httpx.post(shared_run["endpoint"] + "/v1/completions", json=body, timeout=10)
+    assert reply.status_code == 400 and reply.json()["error"]["param"] == "prompt", reply.text
+
+
+def test_deeply_nested_json_gets_400(shared_run):
+    deep = b'{"prompt": "x", "a": ' + b"[" * 200_000 + b"]" * 200_000 + b"}"
+    reply = httpx.post(shared_run["endpoint"] + "/v1/completions", content=deep,
+                       headers={"content-type": "application/json"}, timeout=10)
+    assert reply.status_code == 400 and "not valid JSON" in reply.json()["error"]["message"]
+
+
+def test_every_prompt_form_openai_accepts_reaches_the_worker(shared_run):
+    api = client(shared_run)
+    for prompt in (["Once upon a time"], [[11, 12, 13]], [11, 12, 13]):
+        reply = api.completions.create(model=MODEL, prompt=prompt, max_tokens=2)
+        assert reply.usage.completion_tokens == 2
+    batch = httpx.post(shared_run["endpoint"] + "/v1/completions", timeout=10,
+                       json={"model": MODEL, "prompt": ["a", "b"], "max_tokens": 2})
+    assert batch.status_code == 400 and "batched" in batch.json()["error"]["message"]  # the mocker's own answer
+    # vLLM's leniency: no model (the served one), stream null, an integral float
+    reply = httpx.post(shared_run["endpoint"] + "/v1/completions", timeout=10,
+                       json={"prompt": "hi", "stream": None, "max_tokens": 3.0})
+    assert reply.status_code == 200 and reply.json()["usage"]["completion_tokens"] == 3
 
 
 def test_a_body_over_the_limit_gets_413_and_the_frontend_keeps_serving(shared_run):

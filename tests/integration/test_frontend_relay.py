@@ -99,9 +99,9 @@ class Discovery:
 
 
 @asynccontextmanager
-async def running_frontend(urls: list[str]):
-    """A frontend over the scripted workers at ``urls``, closed on exit."""
-    frontend = Frontend(parse_args(["--port", "0", "--nats-url", "nats://unused", "--namespace", "t"]))
+async def running_frontend(urls: list[str], *args: str):
+    """A frontend over the scripted workers at ``urls`` (frontend flags ``args``), closed on exit."""
+    frontend = Frontend(parse_args(["--port", "0", "--nats-url", "nats://unused", "--namespace", "t", *args]))
     frontend.watcher = Discovery(urls)
     frontend.upstream = UpstreamPool()
     app = frontend.app()
@@ -234,5 +234,97 @@ def test_a_slow_client_gets_everything_and_a_vanished_client_stops_the_worker():
                     break
                 await asyncio.sleep(0.01)
             assert gone.value == 1
+
+    asyncio.run(main())
+
+
+def usage_event(prompt: int, completion: int) -> bytes:
+    chunk = {"id": "x", "object": "chat.completion.chunk", "model": MODEL, "choices": [],
+             "usage": {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}}
+    return b"data: " + json.dumps(chunk, separators=(",", ":")).encode() + b"\n\n"
+
+
+def test_stream_usage_is_counted_even_when_the_client_does_not_ask_for_it():
+    async def main() -> None:
+        def script(body: dict):  # a worker that honours stream_options as vLLM does
+            events = b"".join(chat_event({"content": f" t{i}"}) for i in range(6))
+            if (body.get("stream_options") or {}).get("include_usage"):
+                events += usage_event(11, 6)
+            return [b"%x\r\n%s\r\n0\r\n\r\n" % (len(events + b"data: [DONE]\n\n"), events + b"data: [DONE]\n\n")], False
+
+        worker = ScriptedWorker(script)
+        async with running_frontend([await worker.start()]) as (frontend, server):
+            url = str(server.make_url(""))
+            body = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "stream": True}
+            got = await stream(url, body, "/v1/chat/completions")
+            assert b'"usage"' not in got and got.endswith(b"data: [DONE]\n\n")  # not asked for: not sent
+            assert worker.bodies[0]["stream_options"] == {"include_usage": True}
+            assert (frontend.m_input.value, frontend.m_output.value) == (11, 6)
+            asked = await stream(url, {**body, "stream_options": {"include_usage": True}}, "/v1/chat/completions")
+            assert asked == got[:-len(b"data: [DONE]\n\n")] + usage_event(11, 6) + b"data: [DONE]\n\n"
+            assert (frontend.m_input.value, frontend.m_output.value) == (22, 12)
+
+    asyncio.run(main())
+
+
+def test_a_migrated_stream_with_per_chunk_usage_continues_from_the_text_sent():
+    async def main() -> None:
+        def with_usage(delta: dict, prompt: int, done: int, finish: str | None = None) -> bytes:
+            return chat_event(delta, finish, {"prompt_tokens": prompt, "completion_tokens": done,
+                                              "total_tokens": prompt + done})
+
+        role = with_usage({"role": "assistant", "content": ""}, 12, 0)
+        first = b"".join(with_usage({"content": f" a{i}"}, 12, i + 1) for i in range(5))
+        # the continuation's prompt holds the 5 tokens sent: the worker counts 17 prompt tokens
+        rest = (with_usage({"role": "assistant", "content": ""}, 17, 0) + with_usage({"content": " b0"}, 17, 1)
+                + with_usage({"content": " b1"}, 17, 2, "length") + usage_event(17, 2) + b"data: [DONE]\n\n")
+        rng = random.Random(11)
+        workers = [ScriptedWorker(lambda body: (http_chunks(role + first, rng), True)),
+                   ScriptedWorker(lambda body: (http_chunks(rest, rng) + [b"0\r\n\r\n"], False))]
+        async with running_frontend([await w.start() for w in workers]) as (frontend, server):
+            body = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "stream": True, "max_tokens": 7,
+                    "stream_options": {"include_usage": True, "continuous_usage_stats": True}}
+            got = await stream(str(server.make_url("")), body, "/v1/chat/completions")
+            events = [json.loads(e[6:]) for e in got.split(b"\n\n") if e.startswith(b"data: {")]
+            text = "".join(e["choices"][0]["delta"].get("content", "") for e in events if e["choices"])
+            assert text == " a0 a1 a2 a3 a4 b0 b1"
+            assert workers[1].bodies[0]["messages"][-1] == {"role": "assistant", "content": " a0 a1 a2 a3 a4"}
+            assert workers[1].bodies[0]["max_tokens"] == 2
+            # every chunk's usage is the client's whole request: prompt 12, tokens so far
+            assert [e["usage"]["completion_tokens"] for e in events][-3:] == [6, 7, 7]
+            assert {e["usage"]["prompt_tokens"] for e in events} == {12}
+            assert (frontend.m_input.value, frontend.m_output.value) == (12, 7)  # once per request
+
+    asyncio.run(main())
+
+
+def test_api_key_guards_every_v1_route_and_rejections_are_counted():
+    async def main() -> None:
+        done = event(" t", "length") + b"data: [DONE]\n\n"
+        worker = ScriptedWorker(lambda body: ([b"%x\r\n%s\r\n0\r\n\r\n" % (len(done), done)], False))
+        async with running_frontend([await worker.start()], "--api-key", "k3y", "--model", MODEL) as (frontend, server):
+            url = str(server.make_url(""))
+            body = {"model": MODEL, "prompt": "p", "stream": True}
+            async with aiohttp.ClientSession() as session:
+                for path in ("/v1/models",):
+                    async with session.get(url + path) as resp:
+                        assert resp.status == 401 and (await resp.json())["error"]["code"] == "invalid_api_key"
+                        assert resp.headers["x-request-id"]
+                key = {"Authorization": "Bearer k3y"}
+                async with session.get(url + "/v1/models", headers=key) as resp:
+                    assert resp.status == 200
+                async with session.post(url + "/v1/completions", json=body) as resp:
+                    assert resp.status == 401
+                async with session.post(url + "/v1/completions", json={**body, "model": "other"}, headers=key) as resp:
+                    assert resp.status == 404
+                async with session.post(url + "/v1/completions", json=body, headers=key) as resp:
+                    assert resp.status == 200 and await resp.read() == done
+                async with session.get(url + "/v1/completions", headers=key) as resp:
+                    assert resp.status == 405 and resp.headers["Allow"] == "POST"
+                    assert (await resp.json())["error"]["code"] == 405
+            counted = {(kind, status): frontend.m_requests.labels("/v1/completions", kind, status).value
+                       for kind, status in (("unknown", "401"), ("stream", "404"), ("stream", "200"))}
+            assert list(counted.values()) == [1, 1, 1]  # the body of a refused request is never read
+            assert len(worker.bodies) == 1  # only the authorised, valid request reached the worker
 
     asyncio.run(main())
