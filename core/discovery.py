@@ -4,12 +4,18 @@ A node's supervisor puts an entry for each worker once it is ready and refreshes
 ``ttl / 3`` seconds; it deletes the entry when the worker stops or fails. If the supervisor
 itself dies, nobody refreshes: watchers drop entries older than ``ttl``, and the bucket's
 own TTL removes them from storage.
+
+A watcher that has heard nothing of an entry for ``ttl`` asks the bucket before dropping it:
+silence is also what a NATS outage or a watch that has not recovered from a NATS restart
+looks like, and then the workers are most likely still serving. Entries are dropped only on
+the bucket's word (gone, or not refreshed for ``ttl``), never because NATS is unreachable.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -17,21 +23,46 @@ from typing import Any
 
 import nats
 from nats.js.api import KeyValueConfig
-from nats.js.errors import BucketNotFoundError
+from nats.js.errors import BucketNotFoundError, KeyNotFoundError
 
 BUCKET = "dynamo_instances"
 DEFAULT_TTL = 10.0
 
 
-async def connect(url: str, name: str, timeout: float = 5.0) -> nats.NATS:
-    """Connect, retrying until ``timeout``; raise ConnectionError with a clear message."""
+async def connect(url: str, name: str, timeout: float = 5.0,
+                  on_reconnect: Callable[[], None] | None = None) -> nats.NATS:
+    """Connect, retrying until ``timeout``; raise ConnectionError with a clear message.
+
+    Once connected, losing NATS and getting it back are one line each on stderr (nats-py's
+    default logs a traceback for every failed reconnect attempt).
+    """
     deadline = time.monotonic() + timeout
     last: Exception | None = None
+    where = _redact(url)
+    connected = True
+
+    async def disconnected() -> None:
+        nonlocal connected
+        if connected:
+            connected = False
+            print(f"{name}: lost the connection to NATS at {where}; reconnecting", file=sys.stderr, flush=True)
+
+    async def reconnected() -> None:
+        nonlocal connected
+        connected = True
+        print(f"{name}: reconnected to NATS at {where}", file=sys.stderr, flush=True)
+        if on_reconnect is not None:
+            on_reconnect()
+
+    async def error(exc: Exception) -> None:
+        pass  # a reconnect attempt failed: the lines above say what matters
+
     while time.monotonic() < deadline:
         try:
             return await nats.connect(
                 url, name=name, connect_timeout=min(2.0, timeout), allow_reconnect=True,
                 max_reconnect_attempts=-1, reconnect_time_wait=0.5,
+                disconnected_cb=disconnected, reconnected_cb=reconnected, error_cb=error,
             )
         except Exception as exc:  # nats raises several unrelated types on refusal
             last = exc
@@ -71,11 +102,15 @@ class DiscoveryPublisher:
         self.ttl = ttl
         self.entries: dict[str, dict[str, Any]] = {}
         self._task: asyncio.Task | None = None
+        self._refresh_now = asyncio.Event()
 
     @classmethod
     async def open(cls, url: str, ttl: float = DEFAULT_TTL, timeout: float = 5.0) -> DiscoveryPublisher:
-        nc = await connect(url, "dynamo-supervisor", timeout=timeout)
-        return cls(nc, await open_bucket(nc, ttl), ttl)
+        wake: list[asyncio.Event] = []
+        nc = await connect(url, "dynamo-supervisor", timeout=timeout, on_reconnect=lambda: [e.set() for e in wake])
+        publisher = cls(nc, await open_bucket(nc, ttl), ttl)
+        wake.append(publisher._refresh_now)  # after a NATS restart the entries are put again at once
+        return publisher
 
     async def register(self, key: str, entry: dict[str, Any]) -> None:
         self.entries[key] = entry
@@ -96,7 +131,11 @@ class DiscoveryPublisher:
 
     async def _refresh(self) -> None:
         while True:
-            await asyncio.sleep(self.ttl / 3)
+            try:
+                await asyncio.wait_for(self._refresh_now.wait(), self.ttl / 3)
+            except asyncio.TimeoutError:
+                pass
+            self._refresh_now.clear()
             for key, entry in list(self.entries.items()):
                 try:
                     await self._put(key, entry)
@@ -140,9 +179,12 @@ class DiscoveryWatcher:
         self.instances: dict[str, Instance] = {}
         self.on_change = on_change
         self._tasks: list[asyncio.Task] = []
+        self.kv = None
+        self._reconnects = 0
+        self._settled_at = 0.0  # after a reconnect, publishers get until then to put their entries again
 
     async def start(self) -> None:
-        kv = await open_bucket(self.nc, self.ttl)
+        self.kv = kv = await open_bucket(self.nc, self.ttl)
         watcher = await kv.watch(f"{self.namespace}.>")
         self._tasks = [asyncio.create_task(self._follow(watcher)), asyncio.create_task(self._expire())]
 
@@ -166,8 +208,7 @@ class DiscoveryWatcher:
                     continue
                 if time.time() - data.get("ts", time.time()) > self.ttl:
                     continue  # a stale entry left by a dead node
-                old = self.instances.get(entry.key)
-                changed = old is None or any(old.data.get(k) != data.get(k) for k in ("url", "pid"))  # new or replaced
+                changed = _replaced(self.instances.get(entry.key), data)
                 self.instances[entry.key] = Instance(entry.key, data)
             if changed and self.on_change:
                 self.on_change()
@@ -176,12 +217,46 @@ class DiscoveryWatcher:
         while True:
             await asyncio.sleep(min(1.0, self.ttl / 4))
             now = time.monotonic()
-            stale = [k for k, inst in self.instances.items() if now - inst.seen > self.ttl]
-            for key in stale:
-                del self.instances[key]
-            if stale and self.on_change:
+            reconnects = self.nc.stats.get("reconnects", 0)
+            if reconnects != self._reconnects:
+                self._reconnects, self._settled_at = reconnects, now + self.ttl / 3 + 1.0
+            changed = False
+            for key in [k for k, inst in self.instances.items() if now - inst.seen > self.ttl]:
+                data = await self._registered(key)
+                if data is None:
+                    break  # NATS is unreachable: keep what we know
+                if key not in self.instances:
+                    continue  # deleted meanwhile
+                if data:  # alive; the watch missed its refreshes
+                    changed |= _replaced(self.instances.get(key), data)
+                    self.instances[key] = Instance(key, data)
+                elif time.monotonic() >= self._settled_at:  # (NATS just back, maybe empty after a long outage: not yet)
+                    changed |= self.instances.pop(key, None) is not None
+            if changed and self.on_change:
                 self.on_change()
+
+    async def _registered(self, key: str) -> dict[str, Any] | None:
+        """The bucket's current entry for ``key`` if refreshed within ``ttl``, ``{}`` if it is gone or
+        stale, None if the bucket cannot be asked."""
+        try:
+            entry = await asyncio.wait_for(self.kv.get(key), timeout=max(0.5, min(2.0, self.ttl / 4)))
+        except KeyNotFoundError:  # deleted, or removed by the bucket's TTL
+            return {}
+        except Exception:  # no connection, timeout, NATS restarting
+            return None
+        try:
+            data = json.loads(entry.value or b"")
+        except ValueError:
+            return {}
+        if not isinstance(data, dict) or time.time() - data.get("ts", 0) > self.ttl:
+            return {}
+        return data
 
     async def close(self) -> None:
         for task in self._tasks:
             task.cancel()
+
+
+def _replaced(old: Instance | None, data: dict[str, Any]) -> bool:
+    """A new instance, or the same name served by another process or at another address."""
+    return old is None or any(old.data.get(k) != data.get(k) for k in ("url", "pid"))

@@ -35,6 +35,7 @@ from dynamo.core.metrics import Counter, Gauge, Histogram, MetricSet
 from dynamo.core.upstream import UpstreamError, UpstreamPool, UpstreamResponse
 
 SUSPECT_SECONDS = 2.0
+REPLACEMENT_WAIT = 3.0  # how long a request whose every worker failed waits for one to (re)join
 _HOP_HEADERS = {"content-length", "transfer-encoding", "connection", "keep-alive", "content-encoding", "date", "server"}
 _json_encode = msgspec.json.Encoder().encode
 _json_decode = msgspec.json.Decoder().decode
@@ -190,7 +191,8 @@ class Attempt:
     events: list[bytes] = field(default_factory=list)  # content events sent, as received; parsed only to migrate
     usage: dict | None = None
     finished: bool = False
-    tried: set[str] = field(default_factory=set)
+    tried: set[tuple] = field(default_factory=set)  # worker incarnations: a restarted worker may be tried again
+    fell_back: bool = False  # routed without the router's decision (counted once per request)
     hashes: list[int] | None = None
     prompt_tokens: int | None = None
     migrated: bool = False
@@ -346,8 +348,10 @@ class Frontend:
         self.nc = None
         self.upstream: UpstreamPool | None = None
         self.tokenizer = None
+        self.exact_tokenizer = args.model_path is not None  # the workers' own tokenizer: exact prompt counts
         self.suspect: dict[tuple, float] = {}  # worker incarnation -> until when it is avoided
         self.known: dict[str, tuple] = {}  # worker key -> (url, pid) as last seen in discovery
+        self._discovery_changed: asyncio.Future | None = None  # resolved at the next discovery change
         metrics = self.metrics_set = MetricSet()
         self.m_requests = metrics.add(Counter("dynamo_frontend_requests",
                                               "Requests by endpoint, type (stream, unary; unknown if refused before "
@@ -367,10 +371,13 @@ class Frontend:
         self.m_retries = metrics.add(Counter("dynamo_frontend_retries",
                                              "Requests retried on another worker before their first token"))
         self.m_migrations = metrics.add(Counter("dynamo_frontend_migrations", "Streams moved to another worker midway"))
+        self.prefill_seen = False  # a prefill worker has been in discovery: disaggregated serving
         self.m_fallbacks = metrics.add(Counter("dynamo_frontend_router_fallbacks",
-                                               "Router did not answer in time: round-robin used"))
-        self.m_disagg = metrics.add(Counter("dynamo_frontend_disaggregated_requests", "Requests by prefill path",
-                                            ["path"]))
+                                               "Requests routed without the KV router's decision (no answer in "
+                                               "time, router down, or it could not decide): round-robin used"))
+        self.m_disagg = metrics.add(Counter("dynamo_frontend_disaggregated_requests",
+                                            "Requests by prefill path: remote, local (short uncached prompt), "
+                                            "prefill_failed, no_prefill_worker", ["path"]))
 
     # --------------------------------------------------------------- lifecycle
 
@@ -391,10 +398,10 @@ class Frontend:
                 self.router_client = embedded
             else:
                 self.router_client = NatsRouterClient(self.nc, self.namespace)
-        if self.kv_routing or self.args.disagg_threshold:
+        if self.kv_routing or self.args.disagg_threshold or (self.args.migration_limit and self.exact_tokenizer):
             from dynamo.core.tokenizer import load_tokenizer
 
-            self.tokenizer = load_tokenizer(self.args.model_path)
+            self.tokenizer = load_tokenizer(None if self.args.model_path in (None, "builtin") else self.args.model_path)
 
     async def stop(self, app: web.Application) -> None:
         if self.router_client is not None:
@@ -457,6 +464,8 @@ class Frontend:
         worker now (engines answer a stream's headers at once, so nothing is lost). Streams it
         has answered are left to finish or, if they break, to migrate; unary requests, whose
         answer comes whole at the end, wait for the worker or its end."""
+        if self._discovery_changed is not None and not self._discovery_changed.done():
+            self._discovery_changed.set_result(None)
         current = {i.key: (i.url, i.data.get("pid")) for i in self.watcher.instances.values()}
         for key, (url, pid) in self.known.items():
             if current.get(key) != (url, pid) and self.upstream is not None:
@@ -578,8 +587,11 @@ class Frontend:
     async def _decode(self, request: web.Request, attempt: Attempt, prefill_fields: dict | None) -> web.StreamResponse:
         response: web.StreamResponse | None = None
         migrations = 0
+        again: Counter | None = None  # what the next attempt is: a retry or a migration
         while True:
             worker = await self._choose(attempt, ("agg", "decode"))
+            if worker is None and attempt.tried:
+                worker = await self._replacement(attempt)  # e.g. the failed worker, restarted
             if worker is None:
                 if response is not None:
                     await self._stream_error(response, "no worker left to continue the stream")
@@ -587,14 +599,16 @@ class Frontend:
                 if attempt.tried:
                     raise ApiError(503, f"all {len(attempt.tried)} workers tried failed to answer", "service_unavailable")
                 raise ApiError(503, "no worker is ready", "service_unavailable")
-            attempt.tried.add(worker.key)
+            if again is not None:
+                again.inc()
+            attempt.tried.add(_incarnation(worker))
             body = self._body_for(attempt, prefill_fields if response is None else None)
             self.picker.in_flight[worker.key] += 1
             try:
                 result = await self._relay(request, attempt, worker, body, response)
             except UpstreamFailed:
                 self.suspect[_incarnation(worker)] = time.monotonic() + SUSPECT_SECONDS
-                self.m_retries.inc()
+                again = self.m_retries
                 continue
             finally:
                 self.picker.in_flight[worker.key] -= 1
@@ -608,7 +622,22 @@ class Frontend:
                 return response
             migrations += 1
             attempt.migrated = True
-            self.m_migrations.inc()
+            again = self.m_migrations
+
+    async def _replacement(self, attempt: Attempt) -> Instance | None:
+        """Every worker has been tried: wait a little for one to (re)join, as a restarted worker does."""
+        deadline = time.monotonic() + REPLACEMENT_WAIT
+        while (left := deadline - time.monotonic()) > 0:
+            if self._discovery_changed is None or self._discovery_changed.done():
+                self._discovery_changed = asyncio.get_running_loop().create_future()
+            try:
+                await asyncio.wait_for(asyncio.shield(self._discovery_changed), left)
+            except asyncio.TimeoutError:
+                return None
+            worker = await self._choose(attempt, ("agg", "decode"))
+            if worker is not None:
+                return worker
+        return None
 
     def _body_for(self, attempt: Attempt, prefill_fields: dict | None) -> bytes:
         """The bytes to send: the client's own body when nothing changes (no re-encoding)."""
@@ -627,6 +656,8 @@ class Frontend:
     def _continuation(self, attempt: Attempt) -> dict:
         """The original request, continued from what the client already received."""
         body = dict(attempt.body)
+        if self.exact_tokenizer and self.tokenizer is not None:
+            self._hashes(attempt)  # the prompt's own token count, for the usage the client gets in the end
         generated, attempt.chunks = attempt.generated()
         if attempt.path.endswith("chat/completions"):
             body["messages"] = [*body["messages"], {"role": "assistant", "content": generated}]
@@ -661,7 +692,7 @@ class Frontend:
         return attempt.hashes
 
     async def _choose(self, attempt: Attempt, roles: tuple[str, ...]) -> Instance | None:
-        workers = [w for w in self.pool(roles) if w.key not in attempt.tried]
+        workers = [w for w in self.pool(roles) if _incarnation(w) not in attempt.tried]
         if not workers:
             return None
         if self.args.router_mode == "kv" and not attempt.tried:
@@ -677,7 +708,8 @@ class Frontend:
         if self.router_client is not None:
             decision = await self.router_client.route(attempt.request_id, self._hashes(attempt), pool, account,
                                                       self.args.router_timeout)
-        if decision is None:  # no answer in time, no router, or it could not decide: route locally
+        if decision is None and not attempt.fell_back:  # no answer in time, no router, or it could not decide
+            attempt.fell_back = True
             self.m_fallbacks.inc()
         return decision
 
@@ -695,7 +727,10 @@ class Frontend:
         """
         prefill_workers = self.pool(("prefill",))
         if not prefill_workers:
+            if self.prefill_seen:  # disaggregated serving, but no prefill worker is there right now
+                self.m_disagg.labels("no_prefill_worker").inc()
             return None
+        self.prefill_seen = True
         if self.args.disagg_threshold:
             hashes = self._hashes(attempt)
             overlap = 0
@@ -705,28 +740,31 @@ class Frontend:
             if (attempt.prompt_tokens or 0) - overlap * self.args.block_size < self.args.disagg_threshold:
                 self.m_disagg.labels("local").inc()
                 return None
-        tried: set[str] = set()
+        tried: set[tuple] = set()
         while True:
-            candidates = [w for w in prefill_workers if w.key not in tried]
+            candidates = [w for w in prefill_workers if _incarnation(w) not in tried]
             if not candidates:
                 self.m_disagg.labels("prefill_failed").inc()
                 return None
-            worker = None
+            worker = probe = None
             if self.args.router_mode == "kv" and not tried:
-                probe = Attempt(attempt.request_id + "-prefill", attempt.path, attempt.body, hashes=self._hashes(attempt))
+                probe = Attempt(attempt.request_id + "-prefill", attempt.path, attempt.body, hashes=self._hashes(attempt),
+                                fell_back=attempt.fell_back)
                 decision = await self._ask_router(probe, "prefill")
+                attempt.fell_back |= probe.fell_back
                 if decision:
                     worker = next((w for w in candidates if w.key == decision.get("worker")), None)
-                    asyncio.ensure_future(self._router_event("finished", probe))
+                else:
+                    probe = None  # nothing accounted
             worker = worker or self.picker.pick(candidates)
-            tried.add(worker.key)
+            tried.add(_incarnation(worker))
             prefill_body = self.protocol.prefill_body(attempt.body, worker.data, attempt.request_id)
             if self.protocol.concurrent:
-                attempt.background = asyncio.ensure_future(self._post_prefill(worker, attempt, prefill_body))
+                attempt.background = asyncio.ensure_future(self._post_prefill(worker, attempt, prefill_body, probe))
                 self.m_disagg.labels("remote").inc()
                 return self.protocol.decode_fields(attempt.body, None, prefill_body, attempt.path)
             try:
-                answer = await self._post_prefill(worker, attempt, prefill_body)
+                answer = await self._post_prefill(worker, attempt, prefill_body, probe)
             except (UpstreamError, asyncio.TimeoutError, msgspec.DecodeError):
                 self.suspect[_incarnation(worker)] = time.monotonic() + SUSPECT_SECONDS
                 continue
@@ -735,11 +773,21 @@ class Frontend:
             self.m_disagg.labels("remote").inc()
             return self.protocol.decode_fields(attempt.body, answer, prefill_body, attempt.path)
 
-    async def _post_prefill(self, worker: Instance, attempt: Attempt, body: dict) -> dict | None:
-        """POST the prefill request; None on a worker error (5xx), ApiError on a client error (4xx)."""
-        resp = await self.upstream.request(worker.url, attempt.path, _json_encode(body),
-                                           {"x-request-id": attempt.request_id, "Content-Type": "application/json"})
-        data = await resp.read()
+    async def _post_prefill(self, worker: Instance, attempt: Attempt, body: dict,
+                            routed: Attempt | None = None) -> dict | None:
+        """POST the prefill request; None on a worker error (5xx), ApiError on a client error (4xx).
+
+        It is movable: if the worker leaves rotation before answering (frozen, failing health),
+        it fails at once and another prefill worker, or the decode worker, computes the prompt.
+        ``routed``: the KV router's accounting of this prefill, released when it is over.
+        """
+        try:
+            resp = await self.upstream.request(worker.url, attempt.path, _json_encode(body), {
+                "x-request-id": attempt.request_id, "Content-Type": "application/json"}, movable=True)
+            data = await resp.read()
+        finally:
+            if routed is not None:
+                asyncio.ensure_future(self._router_event("finished", routed))
         if resp.status >= 500:
             return None
         if resp.status >= 400:
@@ -894,7 +942,8 @@ class Frontend:
         if attempt.migrated:
             # the client's view of the whole request, not the last worker's continuation (whose prompt
             # holds the text generated before it)
-            prompt = attempt.prompt_tokens or max((usage.get("prompt_tokens") or 0) - attempt.continued_from, 0)
+            prompt = (attempt.prompt_tokens if self.exact_tokenizer and attempt.prompt_tokens
+                      else max((usage.get("prompt_tokens") or 0) - attempt.continued_from, 0))
             usage = {"prompt_tokens": prompt, "completion_tokens": attempt.chunks, "total_tokens": prompt + attempt.chunks}
             data["usage"] = usage
             event = b"data: " + _json_encode(data)
@@ -945,7 +994,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--nats-url", required=True)
     parser.add_argument("--namespace", required=True)
     parser.add_argument("--model", default=None, help="The served model name; other names get 404.")
-    parser.add_argument("--model-path", default=None, help="Tokenizer directory for KV routing (built-in tokenizer if unset).")
+    parser.add_argument("--model-path", default=None,
+                        help="The workers' tokenizer: a model directory, or 'builtin' (the mocker's). Used for KV "
+                             "routing (the built-in tokenizer if unset) and exact prompt counts after a migration "
+                             "(estimated from the continuation if unset).")
     parser.add_argument("--block-size", type=int, default=16)
     parser.add_argument("--router-mode", default="round_robin", choices=["round_robin", "random", "least_loaded", "kv"])
     parser.add_argument("--router-timeout", type=float, default=0.1, help="Seconds to wait for the KV router.")

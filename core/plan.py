@@ -394,7 +394,8 @@ def build_plan(
             "--disagg-protocol", BACKEND_PROTOCOL[profile.backend],
             *(["--disagg-threshold", str(router.disagg_threshold)] if router.disagg_threshold else []),
             *(["--router-embedded", *router_flags] if embedded_router else []),
-            *(["--model-path", str(model_dir(profile))] if model_dir(profile) else []),
+            *(["--model-path", str(model_dir(profile) or "builtin")]
+              if model_dir(profile) or profile.backend == "mocker" else []),
             *_flags(fe.args),
         ],
         env={**profile.env, **fe.env, **({"DYNAMO_API_KEY": fe.api_key} if fe.api_key else {})},

@@ -15,6 +15,8 @@ accounting); they differ only in where it lives.
 
 from __future__ import annotations
 
+import asyncio
+import time
 from typing import Protocol
 
 import msgspec
@@ -37,19 +39,31 @@ class RouterClient(Protocol):
 
 
 class NatsRouterClient:
-    """Asks the router process over NATS request/reply."""
+    """Asks the router process over NATS request/reply.
+
+    A router that does not answer in time (frozen, swamped) is not asked again for
+    ``QUIET_SECONDS``: one request per period pays the timeout instead of every request.
+    """
+
+    QUIET_SECONDS = 1.0
 
     def __init__(self, nc, namespace: str):
         self.nc = nc
         self.route_subject = route_subject(namespace)
         self.load_subject = load_subject(namespace)
+        self.quiet_until = 0.0
 
     async def route(self, request_id: str, hashes: list[int], pool: str, account: bool, timeout: float) -> dict | None:
+        if time.monotonic() < self.quiet_until:
+            return None
         payload = _encode({"request_id": request_id, "hashes": hashes, "pool": pool, "account": account})
         try:
             msg = await self.nc.request(self.route_subject, payload, timeout=timeout)
             decision = _decode(msg.data)
-        except Exception:  # timeout, no responders, connection trouble: the caller routes locally
+        except asyncio.TimeoutError:
+            self.quiet_until = time.monotonic() + self.QUIET_SECONDS
+            return None
+        except Exception:  # no responders, connection trouble: the caller routes locally
             return None
         return None if not isinstance(decision, dict) or "error" in decision else decision
 

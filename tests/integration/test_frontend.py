@@ -254,18 +254,19 @@ def test_kill_9_a_worker_mid_stream_migrates_every_request(tmp_path, serve, api_
     run = serve(profile)
     state = run.wait_ready(60)
     api = client(state, timeout=60)
-    results: list[tuple[str, int, str | None]] = []
+    results: dict[int, tuple[str, int, str | None, int]] = {}
     errors: list[BaseException] = []
+
+    def ask(i: int, **options):
+        if api_kind == "chat":
+            return api.chat.completions.create(messages=[{"role": "user", "content": f"story {i} about the sea"}],
+                                               model=MODEL, **options)
+        return api.completions.create(prompt=f"story {i} about the sea", model=MODEL, **options)
 
     def one(i: int) -> None:
         try:
-            options = dict(model=MODEL, max_tokens=300, stream=True, stream_options={"include_usage": True})
-            if api_kind == "chat":
-                stream = api.chat.completions.create(
-                    messages=[{"role": "user", "content": f"story {i} about the sea"}], **options)
-            else:
-                stream = api.completions.create(prompt=f"story {i} about the sea", **options)
-            text, usage, finish, roles = "", 0, None, 0
+            stream = ask(i, max_tokens=300, stream=True, stream_options={"include_usage": True})
+            text, usage, finish, roles, prompt = "", 0, None, 0, 0
             for chunk in stream:
                 if chunk.choices:
                     choice = chunk.choices[0]
@@ -276,9 +277,9 @@ def test_kill_9_a_worker_mid_stream_migrates_every_request(tmp_path, serve, api_
                         text += choice.text or ""
                     finish = choice.finish_reason or finish
                 if chunk.usage:
-                    usage = chunk.usage.completion_tokens
+                    usage, prompt = chunk.usage.completion_tokens, chunk.usage.prompt_tokens
             assert roles == (1 if api_kind == "chat" else 0), f"{roles} role chunks"
-            results.append((text, usage, finish))
+            results[i] = (text, usage, finish, prompt)
         except BaseException as exc:  # noqa: BLE001 - the test reports any client failure
             errors.append(exc)
 
@@ -292,8 +293,10 @@ def test_kill_9_a_worker_mid_stream_migrates_every_request(tmp_path, serve, api_
         t.join(60)
     assert not errors, errors
     assert len(results) == 9
-    assert all(finish == "length" and text for text, _, finish in results), results
-    assert all(usage == 300 for _, usage, _ in results), [u for _, u, _ in results]
+    assert all(finish == "length" and text for text, _, finish, _ in results.values()), results
+    assert all(usage == 300 for _, usage, _, _ in results.values()), [r[1] for r in results.values()]
+    # the client's prompt, not the continuation's (which holds the text generated before the move)
+    assert {i: r[3] for i, r in results.items()} == {i: ask(i, max_tokens=1).usage.prompt_tokens for i in results}
     assert metric(state["endpoint"], "dynamo_frontend_migrations_total") >= 1
 
 

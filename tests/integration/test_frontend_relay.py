@@ -328,3 +328,76 @@ def test_api_key_guards_every_v1_route_and_rejections_are_counted():
             assert len(worker.bodies) == 1  # only the authorised, valid request reached the worker
 
     asyncio.run(main())
+
+
+class SilentWorker:
+    """Takes requests and never answers, as a frozen process does."""
+
+    def __init__(self):
+        self.got = asyncio.Event()
+        self.server: asyncio.AbstractServer | None = None
+
+    async def start(self) -> str:
+        async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            await reader.readuntil(b"\r\n\r\n")
+            self.got.set()
+            await reader.read()  # until the frontend gives up on us
+            writer.close()
+
+        self.server = await asyncio.start_server(serve, "127.0.0.1", 0)
+        return f"http://127.0.0.1:{self.server.sockets[0].getsockname()[1]}"
+
+
+def test_a_prefill_worker_leaving_rotation_unanswered_is_given_up_and_decode_computes_the_prompt():
+    async def main() -> None:
+        done = event(" t", "length") + b"data: [DONE]\n\n"
+        decode = ScriptedWorker(lambda body: ([b"%x\r\n%s\r\n0\r\n\r\n" % (len(done), done)], False))
+        frozen = SilentWorker()
+        async with running_frontend([await decode.start()], "--disagg-protocol", "vllm") as (frontend, server):
+            frontend.watcher.instances["p0"] = Instance("p0", {"url": await frozen.start(), "role": "prefill",
+                                                               "name": "p0", "pid": 1})
+            frontend._workers_changed()
+            reply = asyncio.ensure_future(stream(str(server.make_url("")), {"model": MODEL, "prompt": "p", "stream": True}))
+            await asyncio.wait_for(frozen.got.wait(), 5)
+            del frontend.watcher.instances["p0"]  # its health probe failed: out of rotation
+            frontend._workers_changed()
+            assert await asyncio.wait_for(reply, 5) == done
+            assert "kv_transfer_params" not in decode.bodies[0]  # decode computed the prompt itself
+            assert frontend.m_disagg.labels("prefill_failed").value == 1
+
+    asyncio.run(main())
+
+
+def test_a_broken_stream_waits_for_its_restarted_worker_and_counts_only_real_migrations():
+    async def main() -> None:
+        rng = random.Random(13)
+        first = b"".join(event(f" a{i}") for i in range(3))
+        rest = event(" b0", "length") + b"data: [DONE]\n\n"
+        crashing = ScriptedWorker(lambda body: (http_chunks(first, rng), True))
+        restarted = ScriptedWorker(lambda body: (http_chunks(rest, rng) + [b"0\r\n\r\n"], False))
+        async with running_frontend([await crashing.start()]) as (frontend, server):
+            url = str(server.make_url(""))
+            frontend.watcher.instances["w0"].data["pid"] = 1
+            frontend._workers_changed()
+            body = {"model": MODEL, "prompt": "p", "stream": True, "max_tokens": 4}
+            reply = asyncio.ensure_future(stream(url, body))
+            await asyncio.wait_for(crashing.closed.wait(), 5)
+            await asyncio.sleep(0.2)
+            # the supervisor restarted it: same name, new process
+            frontend.watcher.instances["w0"] = Instance("w0", {"url": await restarted.start(), "role": "agg",
+                                                               "name": "w0", "pid": 2})
+            frontend._workers_changed()
+            assert await asyncio.wait_for(reply, 5) == first + rest
+            assert restarted.bodies[0]["prompt"] == "p a0 a1 a2"
+            assert frontend.m_migrations.value == 1
+
+            # nothing comes back: an error event ends the stream, and no migration is counted
+            gone = ScriptedWorker(lambda body: (http_chunks(first, rng), True))
+            frontend.watcher.instances["w0"] = Instance("w0", {"url": await gone.start(), "role": "agg",
+                                                               "name": "w0", "pid": 3})
+            frontend._workers_changed()
+            ended = await stream(url, body)
+            assert b'"error"' in ended and ended.startswith(first)
+            assert frontend.m_migrations.value == 1
+
+    asyncio.run(main())
