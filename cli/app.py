@@ -10,7 +10,9 @@ from typing import Callable, List, Optional
 
 import typer
 
+from dynamo.cli.helptext import reflow_help
 from dynamo.core.errors import UsageError
+from dynamo.core.text import quantity
 
 app = typer.Typer(
     name="dynamo",
@@ -165,15 +167,28 @@ def profile_validate(
     overrides: Optional[List[str]] = SetOpt,
     backend: Optional[str] = BackendOpt,
 ) -> None:
-    """Check profiles: YAML, types, unknown keys, variables. Exit 2 on the first invalid one."""
+    """Check profiles: YAML, types, unknown keys, variables.
+
+    Every file is checked and every problem reported; exit 2 if any file is invalid.
+    """
     from dynamo.core.profile import load_profile
 
+    failed = False
     for name in files:
-        loaded = load_profile(name, overrides or [], backend=backend)
+        try:
+            loaded = load_profile(name, overrides or [], backend=backend)
+        except UsageError as exc:
+            failed = True
+            for line in str(exc).splitlines():
+                typer.secho(f"error: {line}", fg="red", err=True)
+            continue
         p = loaded.profile
+        groups = len(p.workers)
         replicas = sum(g.replicas for g in p.workers.values())
-        typer.echo(f"{loaded.path}: ok ({p.name}: backend {p.backend}, {len(p.workers)} worker groups, "
-                   f"{replicas} workers)")
+        typer.echo(f"{loaded.path}: ok ({p.name}: backend {p.backend}, "
+                   f"{quantity(groups, 'worker group')}, {quantity(replicas, 'worker')})")
+    if failed:
+        raise typer.Exit(2)
 
 
 @profile_app.command("schema")
@@ -185,7 +200,10 @@ def profile_schema(
 
     text = json.dumps(profile_json_schema(), indent=2) + "\n"
     if output:
-        output.write_text(text)
+        try:
+            output.write_text(text)
+        except OSError as exc:
+            fail(f"--output {output}: cannot write: {exc.strerror or exc}")
     else:
         sys.stdout.write(text)
 
@@ -198,6 +216,9 @@ def profile_list() -> None:
     for path in sorted(SHIPPED_PROFILES_DIR.glob("*.yaml")):
         first = next((line[1:].strip() for line in path.read_text().splitlines() if line.startswith("#")), "")
         typer.echo(f"{path.stem:<20} {first}")
+
+
+reflow_help(app)
 
 
 def main() -> None:

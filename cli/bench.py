@@ -13,7 +13,9 @@ from typing import List, Optional
 import typer
 from typer.core import TyperGroup
 
+from dynamo.cli.helptext import reflow
 from dynamo.core.errors import UsageError
+from dynamo.core.text import quantity
 
 METRICS_HELP = """\
 Metric definitions (times in ms; latency metrics use successful requests only):
@@ -132,7 +134,7 @@ def _duration(value: Optional[str]) -> Optional[float]:
 P_TARGET, P_LOAD, P_WORK, P_OUT = "Target", "Load", "Workload", "Metrics and output"
 
 
-@app.callback(invoke_without_command=True, epilog=METRICS_HELP)
+@app.callback(invoke_without_command=True, epilog=reflow(METRICS_HELP))
 def bench(
     ctx: typer.Context,
     url: Optional[str] = typer.Option(None, "--url", metavar="URL", help="Base URL of an OpenAI-compatible server "
@@ -409,7 +411,7 @@ def _run(**o) -> int:
         if len(result.points) > 1:
             out.print(sweep_table(doc["points"]))
         if written:
-            out.print(f"wrote {len(written)} files to {o['output_dir']}")
+            out.print(f"wrote {quantity(len(written), 'file')} to {o['output_dir']}")
     if not any(p.summary["completed"] for p in result.points):
         errors: dict[str, int] = {}
         for p in result.points:

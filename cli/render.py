@@ -12,7 +12,12 @@ render_app = typer.Typer(help="Render a profile for a cluster scheduler (Kuberne
 
 def _write(text: str, output: Optional[Path]) -> None:
     if output:
-        output.write_text(text)
+        from dynamo.core.errors import UsageError
+
+        try:
+            output.write_text(text)
+        except OSError as exc:
+            raise UsageError(f"--output {output}: cannot write: {exc.strerror or exc}") from None
         typer.echo(f"wrote {output}", err=True)
     else:
         typer.echo(text, nl=False)
@@ -36,12 +41,16 @@ def k8s(
     """
     from dynamo.cli.app import user_errors
     from dynamo.core.profile import load_profile
-    from dynamo.core.render import render_kubernetes, to_yaml_stream
+    from dynamo.core.render import render_kubernetes, to_yaml_stream, token_secret_command
 
     @user_errors
     def run() -> None:
         loaded = load_profile(profile, overrides or [], backend=backend)
         _write(to_yaml_stream(render_kubernetes(loaded, image, namespace)), output)
+        create = token_secret_command(loaded.profile, namespace)
+        if create:
+            typer.echo(f"NATS takes a token from a Secret these manifests do not hold; create it first:\n  {create}",
+                       err=True)
 
     run()
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import shlex
@@ -17,6 +18,7 @@ from dynamo.core.gpus import detect_inventory
 from dynamo.core.plan import Plan, build_plan, check_engine_argvs, check_executables, check_ports
 from dynamo.core.profile import load_profile
 from dynamo.core.rundir import RunDir, dynamo_home, new_run_id
+from dynamo.core.text import quantity
 
 
 def serve(profile: str, overrides: list[str], backend: str | None, dry_run: bool, as_json: bool,
@@ -37,31 +39,48 @@ def serve(profile: str, overrides: list[str], backend: str | None, dry_run: bool
     check_ports(plan)
     run = RunDir(run_dir) if run_dir else RunDir.create(dynamo_home(), new_run_id(plan.profile))
     run.logs.mkdir(parents=True, exist_ok=True)
+    lock = _claim(run)
     # the detached supervisor starts from this file, secrets included: readable by its owner only
     fd = os.open(run.path / "plan.json", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     os.fchmod(fd, 0o600)
     with os.fdopen(fd, "w") as out:
         out.write(plan.model_dump_json(indent=2))
     if detach:
-        return _detach(run, plan)
+        return _detach(run, plan, lock)
     from dynamo.core.printer import Printer
     from dynamo.core.supervisor import run_plan
 
     names = [p.name for p in plan.processes]
     printer = Printer(names, colour=False if no_color else None)
-    printer.system(f"run {run.id}: {len(plan.processes)} processes, logs in {run.logs}")
+    count = len(plan.processes)
+    printer.system(f"run {run.id}: {quantity(count, 'process', 'processes')}, logs in {run.logs}")
     return run_plan(plan, run, printer)
 
 
-def _detach(run: RunDir, plan: Plan) -> int:
+def _claim(run: RunDir) -> int:
+    """Lock the run directory for this run's supervisor (held until it exits): one per directory."""
+    fd = os.open(run.path / "supervisor.lock", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        pid = run.read_state().get("supervisor_pid")
+        raise UsageError(f"{run.path} is in use by a running supervisor{f' (pid {pid})' if pid else ''}: "
+                         f"stop it with `dynamo stop {run.path}` or choose another --run-dir") from None
+    run.state_path.unlink(missing_ok=True)  # a previous run's state must not be taken for this one's
+    return fd
+
+
+def _detach(run: RunDir, plan: Plan, lock: int) -> int:
     """Start the supervisor in its own session; return once it reports ready (or failed)."""
     console = open(run.path / "supervisor.log", "ab")
     child = subprocess.Popen(
         [sys.executable, "-m", "dynamo.cli.supervise", str(run.path)],
         stdin=subprocess.DEVNULL, stdout=console, stderr=subprocess.STDOUT, start_new_session=True,
-        env={**os.environ, "NO_COLOR": "1"},
+        env={**os.environ, "NO_COLOR": "1"}, pass_fds=(lock,),  # the lock goes with the supervisor
     )
     console.close()
+    os.close(lock)
     while True:
         state = run.read_state()
         status = state.get("status")
@@ -79,7 +98,7 @@ def _detach(run: RunDir, plan: Plan) -> int:
             tail = (run.path / "supervisor.log").read_text(errors="replace").splitlines()[-15:]
             for line in tail:
                 typer.echo(f"  {line}", err=True)
-            return 1
+            return child.returncode or 1  # 2 when the run failed on bad input
         time.sleep(0.1)
 
 
@@ -87,7 +106,8 @@ def render_plan(plan: Plan) -> str:
     """The dry-run text: every process with argv, added env, GPUs, ports, probe and dependencies."""
     lines = [
         f"Plan for {plan.profile} (backend {plan.backend}, model {plan.model}): "
-        f"{len(plan.processes)} processes" + (f", endpoint {plan.endpoint}" if plan.endpoint else ""),
+        f"{quantity(len(plan.processes), 'process', 'processes')}"
+        + (f", endpoint {plan.endpoint}" if plan.endpoint else ""),
         f"GPUs: {plan.gpu_inventory}",
         f"NATS: {plan.nats_url}",
         "{run_dir} is the run directory, created at start ($DYNAMO_HOME/runs/<run-id>).",

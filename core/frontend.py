@@ -33,6 +33,7 @@ from dynamo.core.discovery import DEFAULT_TTL, DiscoveryWatcher, Instance, conne
 from dynamo.core.hashing import chain_block_hashes
 from dynamo.core.metrics import Counter, Gauge, Histogram, MetricSet
 from dynamo.core.upstream import UpstreamError, UpstreamPool, UpstreamResponse
+from dynamo.core.text import quantity
 
 SUSPECT_SECONDS = 2.0
 REPLACEMENT_WAIT = 3.0  # how long a request whose every worker failed waits for one to (re)join
@@ -597,7 +598,8 @@ class Frontend:
                     await self._stream_error(response, "no worker left to continue the stream")
                     return response
                 if attempt.tried:
-                    raise ApiError(503, f"all {len(attempt.tried)} workers tried failed to answer", "service_unavailable")
+                    raise ApiError(503, f"{quantity(len(attempt.tried), 'worker')} tried, none answered",
+                                   "service_unavailable")
                 raise ApiError(503, "no worker is ready", "service_unavailable")
             if again is not None:
                 again.inc()

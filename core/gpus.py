@@ -8,6 +8,7 @@ tests cover) GPU assignment for a GPU machine: ``--assume-gpus 8`` or
 from __future__ import annotations
 
 import os
+from dynamo.core.text import quantity
 from dataclasses import dataclass, field
 
 ASSUME_ENV = "DYNAMO_ASSUME_GPUS"
@@ -43,7 +44,7 @@ def assumed_inventory(count: int) -> GpuInventory:
     return GpuInventory(
         gpus=tuple(Gpu(i, "assumed GPU") for i in range(count)),
         source="assumed",
-        detail=f"assumed {count} GPUs (--assume-gpus / {ASSUME_ENV})",
+        detail=f"assumed {quantity(count, 'GPU')} (--assume-gpus / {ASSUME_ENV})",
     )
 
 
@@ -75,7 +76,7 @@ def nvml_inventory() -> GpuInventory:
         driver = pynvml.nvmlSystemGetDriverVersion()
         cuda = pynvml.nvmlSystemGetCudaDriverVersion()
         return GpuInventory(
-            gpus=tuple(gpus), source="nvml", detail=f"{len(gpus)} GPUs from NVML",
+            gpus=tuple(gpus), source="nvml", detail=f"{quantity(len(gpus), 'GPU')} from NVML",
             driver_version=driver if isinstance(driver, str) else driver.decode(),
             cuda_version=f"{cuda // 1000}.{cuda % 1000 // 10}", processes=tuple(processes),
         )

@@ -23,6 +23,7 @@ from dynamo.core.gpus import GpuInventory
 from dynamo.core.nats_server import nats_server_argv, nats_server_binary
 from dynamo.core.ports import PortAllocator, PortClaim, busy_ports, is_loopback
 from dynamo.core.profile import LoadedProfile, Profile, ReadinessProbe, RestartPolicy
+from dynamo.core.text import quantity
 
 RUN_DIR = "{run_dir}"
 LOCAL_NODE = "local"
@@ -198,7 +199,7 @@ class _GpuAssigner:
         inv = self.inventory
         if not inv.count:
             return f"this machine has no NVIDIA GPU: {inv.detail}; plan for another machine with --assume-gpus N, or use --backend mocker"
-        return f"{inv.count} GPUs available: {', '.join(map(str, inv.ids))}"
+        return f"{quantity(inv.count, 'GPU')} available: {', '.join(map(str, inv.ids))}"
 
     def assign(self, group_name: str, gpus: int | list[int], replicas: int, replica: int, owner: str) -> list[int]:
         if isinstance(gpus, list):
@@ -209,7 +210,8 @@ class _GpuAssigner:
             self.free = self.free[gpus:]
             if len(chosen) < gpus:
                 if not self.short:
-                    self.problems.append(f"workers.{group_name}: {owner} needs {gpus} GPUs but only {len(chosen)} are left")
+                    self.problems.append(f"workers.{group_name}: {owner} needs {quantity(gpus, 'GPU')} "
+                                         f"but only {len(chosen)} {'is' if len(chosen) == 1 else 'are'} left")
                 return chosen
         for gpu in chosen:
             if gpu in self.used:
@@ -225,7 +227,7 @@ class _GpuAssigner:
         if needed > self.inventory.count:
             self.short = True
             who = self.where or "the profile "
-            self.problems.insert(0, f"{who}needs {needed} GPUs; {self._have()}")
+            self.problems.insert(0, f"{who}needs {quantity(needed, 'GPU')}; {self._have()}")
 
 
 def build_plan(
@@ -426,7 +428,7 @@ def _one_replica(loaded: LoadedProfile, inventory: GpuInventory, node: str | Non
         raise PlanError(f"--replica {replica}: node {node} runs no worker group")
     for name in groups:
         if replica >= profile.workers[name].replicas:
-            raise PlanError(f"--replica {replica}: workers.{name} has {profile.workers[name].replicas} replicas")
+            raise PlanError(f"--replica {replica}: workers.{name} has {quantity(profile.workers[name].replicas, 'replica')}")
     workers = {name: (g.model_copy(update={"replicas": 1, "port": None}) if name in groups else g)
                for name, g in profile.workers.items()}
     single = LoadedProfile(profile.model_copy(update={"workers": workers}), loaded.path, loaded.sources)

@@ -78,6 +78,16 @@ def port_is_free(host: str, port: int) -> bool:
     return True
 
 
+def listener_pids(port: int) -> set[int | None]:
+    """The local processes listening on ``port`` (None for another user's); empty if none is visible."""
+    try:
+        connections = psutil.net_connections(kind="inet")
+    except (psutil.AccessDenied, PermissionError):
+        return set()
+    return {conn.pid for conn in connections
+            if conn.laddr and conn.laddr.port == port and conn.status == psutil.CONN_LISTEN}
+
+
 def port_holder(port: int) -> str | None:
     """Describe the process listening on ``port`` (``pid 123 (nats-server -p 4222)``), if visible."""
     try:

@@ -24,6 +24,7 @@ from ruamel.yaml.error import MarkedYAMLError
 
 from dynamo.core.durations import Duration
 from dynamo.core.errors import ProfileError
+from dynamo.core.text import quantity
 
 SHIPPED_PROFILES_DIR = Path(__file__).resolve().parent.parent / "profiles"
 BACKENDS = ("mocker", "vllm", "sglang", "trtllm")
@@ -36,7 +37,7 @@ class Strict(BaseModel):
 class ModelSpec(Strict):
     """The model every worker serves."""
 
-    name: str = Field(description="Served model name, as clients pass it in `model`.")
+    name: str = Field(min_length=1, description="Served model name, as clients pass it in `model`.")
     path: str | None = Field(None, description="Local directory or hub id of the weights and tokenizer; defaults to name.")
     block_size: int = Field(16, gt=0, description="KV cache block (page) size in tokens.")
     max_model_len: int | None = Field(None, gt=0, description="Longest prompt plus output, in tokens.")
@@ -182,7 +183,7 @@ class WorkerGroup(Strict):
     """A named group of identical workers."""
 
     role: Literal["agg", "prefill", "decode"] = "agg"
-    replicas: int = Field(1, ge=0)
+    replicas: int = Field(1, ge=0, strict=True)  # strict: "1e3" or "true" from --set is a mistake
     gpus: int | list[int] = Field(
         1, description="GPUs per replica, or explicit GPU ids split evenly across replicas."
     )
@@ -216,7 +217,8 @@ class WorkerGroup(Strict):
     @model_validator(mode="after")
     def _ids_split_evenly(self) -> WorkerGroup:
         if isinstance(self.gpus, list) and self.replicas and len(self.gpus) % self.replicas:
-            raise ValueError(f"{len(self.gpus)} GPU ids cannot be split evenly across {self.replicas} replicas")
+            raise ValueError(f"{quantity(len(self.gpus), 'GPU id')} cannot be split evenly "
+                             f"across {self.replicas} replicas")
         return self
 
 
@@ -258,6 +260,16 @@ class Profile(Strict):
             if name in ("nats", "router", "frontend") or not re.fullmatch(r"[a-z][a-z0-9_-]*", name):
                 raise ValueError(f"worker group name {name!r}: use lower-case letters, digits, '-' or '_', not nats/router/frontend")
         return value
+
+    @model_validator(mode="after")
+    def _something_serves(self) -> Profile:
+        serving = [n for n, g in self.workers.items() if g.role in ("agg", "decode") and g.replicas]
+        if not serving:
+            prefill = [n for n, g in self.workers.items() if g.role == "prefill" and g.replicas]
+            raise ValueError("no worker group can answer requests: prefill workers "
+                             f"({', '.join(prefill)}) need a group with role decode" if prefill else
+                             "no worker group can answer requests: every group has replicas: 0")
+        return self
 
     @model_validator(mode="after")
     def _nodes_cover_components(self) -> Profile:
@@ -422,6 +434,10 @@ def apply_override(data: dict, assignment: str, sources: SourceMap) -> None:
     parts = [p for p in key.strip().split(".")]
     if not all(parts):
         raise ProfileError([f"--set {assignment}: empty key in {key!r}"])
+    groups = data.get("workers")
+    if parts[0] == "workers" and len(parts) > 2 and isinstance(groups, dict) and parts[1] not in groups:
+        raise ProfileError([f"--set {assignment}: the profile has no worker group {parts[1]!r}"
+                            f"{_nearest(parts[1], groups)} (groups: {', '.join(groups) or 'none'})"])
     target = data
     for part in parts[:-1]:
         existing = target.get(part)
@@ -440,11 +456,16 @@ def apply_override(data: dict, assignment: str, sources: SourceMap) -> None:
 def resolve_profile_path(name_or_path: str | os.PathLike) -> Path:
     """A file path, or the name of a shipped profile (``agg`` → profiles/agg.yaml)."""
     path = Path(name_or_path)
-    if path.exists():
+    # Not is_file(): a pipe (``dynamo serve <(envsubst < p.yaml)``) is a fine profile; a directory is not.
+    if path.exists() and not path.is_dir():
         return path
     shipped = SHIPPED_PROFILES_DIR / f"{path.stem if path.suffix in ('.yaml', '.yml') else path.name}.yaml"
     if path.parent == Path(".") and shipped.exists():
         return shipped
+    if path.is_dir():
+        inside = sorted(p.name for p in path.glob("*.y*ml"))[:5]
+        hint = f" (it holds {', '.join(inside)})" if inside else ""
+        raise ProfileError([f"{name_or_path}: is a directory, not a profile file; give a YAML file{hint}"])
     choices = sorted(p.stem for p in SHIPPED_PROFILES_DIR.glob("*.yaml")) if SHIPPED_PROFILES_DIR.exists() else []
     hint = f" Shipped profiles: {', '.join(choices)}." if choices else ""
     raise ProfileError([f"{name_or_path}: no such file.{hint}"])
@@ -458,7 +479,13 @@ def load_profile(
 ) -> LoadedProfile:
     """Read, expand, override and validate a profile; raise ProfileError listing every problem."""
     path = resolve_profile_path(source)
-    text = path.read_text(encoding="utf-8")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise ProfileError([f"{path}: not a UTF-8 text file (byte {exc.object[exc.start]:#04x} at offset {exc.start}); "
+                            "a profile is YAML text"]) from None
+    except OSError as exc:
+        raise ProfileError([f"{path}: cannot read: {exc.strerror or exc}"]) from None
     return parse_profile(text, str(path), overrides=overrides, env=env, backend=backend, path=path)
 
 

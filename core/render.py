@@ -76,6 +76,20 @@ def _probe(probe: ProbeSpec, port: int | None, kind: str) -> dict | None:
     return out
 
 
+def nats_token_secret(profile) -> str:
+    """The Secret (key ``token``) the NATS pod and every client read the NATS token from."""
+    return _dns(f"dynamo-{profile.name}-nats-token")
+
+
+def token_secret_command(profile, k8s_namespace: str | None = None) -> str | None:
+    """How to create the NATS token Secret when the rendered manifests do not carry it."""
+    if not profile.nats.embedded or profile.nats.token:
+        return None
+    where = f" -n {k8s_namespace}" if k8s_namespace else ""
+    return (f"kubectl create secret generic {nats_token_secret(profile)}{where} "
+            f"--from-literal=token=$(openssl rand -hex 24)")
+
+
 def render_kubernetes(loaded: LoadedProfile, image: str, k8s_namespace: str | None = None) -> list[dict]:
     """Manifests: NATS (unless external), then per component a Deployment or StatefulSet, and Services."""
     profile = loaded.profile
@@ -87,15 +101,16 @@ def render_kubernetes(loaded: LoadedProfile, image: str, k8s_namespace: str | No
     token_env: list[dict] = []
 
     if profile.nats.embedded:
+        # NATS is a Service every pod of the cluster can reach: it always takes a token, from a Secret. With
+        # nats.token the Secret is rendered here; without, the user creates it (token_secret_command).
         nats_name = f"{base}-nats"
         nats_port = 4222
-        args = ["-js", "-sd", "/data", "-p", str(nats_port)]
         if profile.nats.token:
-            manifests.append({"apiVersion": "v1", "kind": "Secret", "metadata": meta(f"{base}-nats-token"),
+            manifests.append({"apiVersion": "v1", "kind": "Secret", "metadata": meta(nats_token_secret(profile)),
                               "type": "Opaque", "stringData": {"token": profile.nats.token}})
-            token_env = [{"name": "DYNAMO_NATS_TOKEN", "valueFrom": {"secretKeyRef": {
-                "name": f"{base}-nats-token", "key": "token"}}}]
-            args += ["--auth", "$(DYNAMO_NATS_TOKEN)"]
+        token_env = [{"name": "DYNAMO_NATS_TOKEN", "valueFrom": {"secretKeyRef": {
+            "name": nats_token_secret(profile), "key": "token"}}}]
+        args = ["-js", "-sd", "/data", "-p", str(nats_port), "--auth", "$(DYNAMO_NATS_TOKEN)"]
         selector = {"app.kubernetes.io/name": nats_name}
         manifests.append({
             "apiVersion": "apps/v1", "kind": "Deployment", "metadata": meta(nats_name, {"app.kubernetes.io/component": "nats"}),
@@ -111,8 +126,7 @@ def render_kubernetes(loaded: LoadedProfile, image: str, k8s_namespace: str | No
         manifests.append({"apiVersion": "v1", "kind": "Service", "metadata": meta(nats_name),
                           "spec": {"selector": selector, "ports": [{"name": "client", "port": nats_port,
                                                                     "targetPort": nats_port}]}})
-        auth = "${DYNAMO_NATS_TOKEN}@" if profile.nats.token else ""
-        nats_url = f"nats://{auth}{nats_name}:{nats_port}"
+        nats_url = f"nats://${{DYNAMO_NATS_TOKEN}}@{nats_name}:{nats_port}"
     else:
         nats_url = profile.nats.url or ""
 
@@ -276,5 +290,8 @@ def render_slurm(loaded: LoadedProfile, profile_path: str, overrides: list[str],
             f'srun --nodes=1 --ntasks=1 -w "${{HOSTS[{index}]}}" --kill-on-bad-exit=1 '
             f'dynamo serve "$PROFILE"{node_flag} {" ".join(sets)} {extra} '
             f'--run-dir "$HOME/.dynamo/runs/slurm-${{SLURM_JOB_ID}}-{node}" --no-color &'.replace("  ", " "))
-    lines += ["wait -n", "status=$?", 'echo "a node supervisor exited ($status): stopping the job"', "kill 0", "exit $status"]
+    # `|| status=$?` so that errexit does not end the script before the others are stopped; the script
+    # ignores the SIGTERM it sends its own process group, waits for the supervisors, then exits with the status.
+    lines += ["status=0", "wait -n || status=$?", 'echo "a node supervisor exited ($status): stopping the job"',
+              "trap '' TERM", "kill 0", "wait || true", 'exit "$status"']
     return "\n".join(lines) + "\n"

@@ -19,15 +19,19 @@ import sys
 import time
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import urlsplit
 
 from dynamo.core import proctree
 from dynamo.core.discovery import DEFAULT_TTL, DiscoveryPublisher, instance_key
 from dynamo.core.plan import Plan, ProcessSpec, RUN_DIR, STAGES
+from dynamo.core.ports import listener_pids, port_holder
 from dynamo.core.printer import Printer
 from dynamo.core.probes import Prober
 from dynamo.core.restart import backoff_delay, wants_restart
 from dynamo.core.rundir import RotatingLog, RunDir
+from dynamo.core.text import quantity
 
+USAGE_ERROR = 2  # the exit code of a process refusing its arguments (argparse, our CLIs): not worth a restart
 _LIVENESS_MIN_PERIOD = 2.0
 _DESCENDANT_SCAN_PERIOD = 3.0
 
@@ -77,6 +81,7 @@ class Supervisor:
         self.discovery: DiscoveryPublisher | None = None
         self.status = "starting"
         self.failure: str | None = None
+        self.failure_code = 1  # 2 when the failure is bad input (a usage error, a port held by another program)
         self.stop_requested = False
         self._stop = asyncio.Event()
         self._sentinel: subprocess.Popen | None = None
@@ -107,7 +112,7 @@ class Supervisor:
             await self._shutdown()
             for sig in (signal.SIGINT, signal.SIGTERM):
                 loop.remove_signal_handler(sig)
-        return 1 if self.failure else 0
+        return self.failure_code if self.failure else 0
 
     def request_stop(self, sig: int | None = None) -> None:
         if not self.stop_requested:
@@ -177,6 +182,19 @@ class Supervisor:
             if not await self._spawn(comp):
                 return
             outcome = await self._until_ready(comp)
+            if outcome == "impostor" or (outcome == "exited" and comp.exit_code == USAGE_ERROR):
+                # bad input: restarting cannot help
+                if outcome == "exited":
+                    comp.reason = (f"exited with code {USAGE_ERROR} before becoming ready (a usage error; "
+                                   f"see its log: dynamo logs {self.run.id} {comp.name})")
+                else:
+                    await self._terminate(comp)
+                comp.status = "failed"
+                comp.settled.set()
+                self._lifecycle(comp, "failed", f"failed: {comp.reason}; not restarted", error=True)
+                if comp.spec.required:
+                    self._fail(f"{comp.name} {comp.reason}", code=USAGE_ERROR)
+                return
             if outcome == "ready":
                 comp.status = "ready"
                 comp.ready_at = time.time()
@@ -206,10 +224,11 @@ class Supervisor:
             if comp.restarts >= policy.max_restarts:
                 comp.status = "failed"
                 comp.settled.set()
-                self._lifecycle(comp, "failed", f"failed: {self._ended(comp)} after {comp.total_restarts} restarts "
+                restarts = f"{quantity(comp.total_restarts, 'restart')}"
+                self._lifecycle(comp, "failed", f"failed: {self._ended(comp)} after {restarts} "
                                 f"(max_restarts {policy.max_restarts})", error=True)
                 if spec.required:
-                    self._fail(f"{comp.name} failed after {comp.total_restarts} restarts")
+                    self._fail(f"{comp.name} failed after {restarts}")
                 return
             comp.restarts += 1
             comp.total_restarts += 1
@@ -309,11 +328,32 @@ class Supervisor:
             if await self.prober.check(probe, comp.log_matched) and await self.prober.warmup(probe):
                 if comp.exited.is_set():
                     return "exited"
+                holder = await self._held_elsewhere(comp)
+                if holder:
+                    comp.reason = holder
+                    return "impostor"
                 return "ready"
             if time.monotonic() >= deadline:
                 return "timeout"
             if await self._exited_within(comp, min(probe.period, max(0.0, deadline - time.monotonic()))):
                 return "exited"
+
+    async def _held_elsewhere(self, comp: Component) -> str | None:
+        """Whether the probe was answered by a process outside this run (another program or run on
+        the port; this one's process then failed to bind): who holds the port, or None."""
+        probe = comp.spec.readiness_probe
+        port = probe.port if probe.kind == "tcp" else (urlsplit(probe.url).port if probe.url else None)
+        if not port:
+            return None
+        listeners = await asyncio.to_thread(listener_pids, port)
+        listeners.discard(None)  # another user's process (a container's port proxy, say): cannot tell
+        if not listeners:
+            return None
+        ours = {comp.pid, *await asyncio.to_thread(proctree.marked_processes, self.run.marker)}
+        if listeners & ours:
+            return None
+        holder = await asyncio.to_thread(port_holder, port)
+        return f"found port {port} held by {holder or 'another process'}, not by itself (another program or run uses it)"
 
     async def _watch(self, comp: Component) -> str:
         """After readiness: wait for exit, probing health; ``failure_threshold`` misses in a row → unhealthy."""
@@ -368,9 +408,9 @@ class Supervisor:
 
     # ------------------------------------------------------------------ stopping
 
-    def _fail(self, why: str) -> None:
+    def _fail(self, why: str, code: int = 1) -> None:
         if self.failure is None:
-            self.failure = why
+            self.failure, self.failure_code = why, code
             self.printer.system(f"stopping the run: {why}", error=True)
             self.run.event("dynamo", "failed", reason=why)
         self.stop_requested = True

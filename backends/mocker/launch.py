@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import sys
 
 from dynamo.backends.base import Backend, WorkerContext, WorkerLaunch, model_dir
@@ -59,6 +61,25 @@ class MockerBackend(Backend):
                 "kv_replay": f"tcp://{ctx.host}:{replay_port}",
             },
         )
+
+
+    def validate_argvs(self, argvs: list[list[str]]) -> list[str | None]:
+        """The mocker's own parser on each planned argv, in this process (it is always installed):
+        a bad flag value is an error before anything starts, not a worker that exits at once."""
+        from dynamo.backends.mocker.__main__ import parse_args
+
+        results: list[str | None] = []
+        for argv in argvs:
+            errors = io.StringIO()
+            try:
+                with contextlib.redirect_stderr(errors):
+                    parse_args(argv[3:])  # after: python -m dynamo.backends.mocker
+                results.append(None)
+            except SystemExit:
+                lines = errors.getvalue().strip().splitlines()
+                reason = lines[-1].split("error: ", 1)[-1] if lines else "bad arguments"
+                results.append(f"the mocker rejects the planned flags: {reason}")
+        return results
 
 
 BACKEND = MockerBackend()

@@ -21,6 +21,7 @@ from rich.text import Text
 
 from dynamo.core.bench.metrics import PERCENTILES, request_metrics
 from dynamo.core.bench.runner import BenchResult, LiveStats, PointResult
+from dynamo.core.text import quantity
 
 __all__ = ["DIST_METRICS", "LiveDisplay", "result_to_dict", "point_table", "sweep_table", "write_outputs",
            "load_results", "RESULTS_FILE"]
@@ -163,7 +164,8 @@ def _headline(s: dict) -> Table:
                     if tok["output_difference"] is not None and tok["output_difference_pct"] is not None else "")
                  + f"; requested {tok['output_requested']}"))
     if tok["short_outputs"]:
-        rows.append(("Short outputs", f"{tok['short_outputs']} requests got fewer tokens than asked"))
+        short = tok["short_outputs"]
+        rows.append(("Short outputs", f"{quantity(short, 'request')} got fewer tokens than asked"))
     if s["errors"]:
         rows.append(("Errors", ", ".join(f"{k} {v}" for k, v in s["errors"].items())))
     for w in s.get("warnings") or []:

@@ -8,6 +8,7 @@ from dynamo.core.check import stale as stale_mod
 from dynamo.core.check.context import CheckContext
 from dynamo.core.check.model import Results
 from dynamo.core.check.system import detect_container
+from dynamo.core.text import quantity
 
 MEMORY_WARN_FRACTION = 0.90
 
@@ -47,7 +48,7 @@ def _gpus(out: Results, inventory) -> None:
     for gpu in inventory.gpus:
         names[gpu.name] = names.get(gpu.name, 0) + 1
     described = ", ".join(f"{count} × {name}" for name, count in names.items())
-    out.ok("gpus", f"{inventory.count} GPUs: {described}", count=inventory.count,
+    out.ok("gpus", f"{quantity(inventory.count, 'GPU')}: {described}", count=inventory.count,
            names=[g.name for g in inventory.gpus])
     out.ok("driver", f"driver {inventory.driver_version}, CUDA {inventory.cuda_version} (what the driver supports)",
            driver=inventory.driver_version, cuda=inventory.cuda_version)
@@ -105,5 +106,6 @@ def _processes(ctx: CheckContext, out: Results, inventory) -> None:
         else:
             out.warn("stale process", text, fix, **data)
     if not found:
-        out.ok("stale processes", f"no stale engine processes among {len(table.processes)} processes",
-               scanned=len(table.processes))
+        scanned = len(table.processes)
+        out.ok("stale processes", f"no stale engine processes among {quantity(scanned, 'process', 'processes')}",
+               scanned=scanned)

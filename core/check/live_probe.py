@@ -15,6 +15,7 @@ from typing import Any
 from dynamo.core.check.context import CheckContext
 from dynamo.core.check.model import Results
 from dynamo.core.check.net import is_loopback, redact
+from dynamo.core.text import quantity
 
 PROBE_TIMEOUT = 0.8
 NATS_TIMEOUT = 1.0
@@ -200,7 +201,8 @@ def _component(out: Results, ref: str, name: str, proc: dict, health: dict) -> b
                   f"{logs} shows why; the supervisor restarts it if its restart policy allows", **data)
         return False
     if status == "backoff":
-        out.warn(name, f"restarting after a failure ({proc.get('restarts', 0)} restarts so far)",
+        restarts = proc.get("restarts", 0)
+        out.warn(name, f"restarting after a failure ({quantity(restarts, 'restart')} so far)",
                  f"{logs} shows why it fails", **data)
         return False
     if status == "starting":
@@ -218,7 +220,7 @@ def _component(out: Results, ref: str, name: str, proc: dict, health: dict) -> b
     if proc.get("kind") == "frontend" and health.get("body"):
         try:
             seen = [w.get("name") for w in json.loads(health["body"]).get("workers", [])]
-            extra = f"; routes to {len(seen)} worker{'s' if len(seen) != 1 else ''}: {', '.join(map(str, seen))}"
+            extra = f"; routes to {quantity(len(seen), 'worker')}: {', '.join(map(str, seen))}"
             data["routes_to"] = seen
         except (ValueError, AttributeError):
             pass

@@ -15,6 +15,7 @@ from pathlib import Path
 from dynamo.core.check.context import CheckContext, ProfileState
 from dynamo.core.check.model import Results
 from dynamo.core.check.net import nats_info, redact
+from dynamo.core.text import quantity
 
 NATS_TIMEOUT = 1.0
 _WEIGHTS = ("*.safetensors", "*.bin", "*.pt", "*.pth", "*.gguf")
@@ -27,7 +28,7 @@ def run(ctx: CheckContext, out: Results) -> None:
         out.info("profile", "no profile given; dynamo check PROFILE also checks it against this machine")
         return
     if not state.valid:
-        out.error("valid", f"the profile has {len(state.problems)} problem{'s' if len(state.problems) != 1 else ''}",
+        out.error("valid", f"the profile has {quantity(len(state.problems), 'problem')}",
                   "fix them, then re-run (dynamo profile validate FILE checks only the file)",
                   details=state.problems, problems=state.problems)
         return
@@ -35,7 +36,8 @@ def run(ctx: CheckContext, out: Results) -> None:
     profile = loaded.profile
     workers = sum(g.replicas for g in profile.workers.values())
     out.ok("valid", f"{loaded.path}: {profile.name}, backend {profile.backend}, "
-           f"{len(profile.workers)} worker group{'s' if len(profile.workers) != 1 else ''}, {workers} workers",
+           f"{quantity(len(profile.workers), 'worker group')}, "
+           f"{quantity(workers, 'worker')}",
            path=str(loaded.path), name=profile.name, backend=profile.backend, workers=workers)
     if state.backend_error:
         out.error("backend", state.backend_error, "serve it with --backend mocker, or switch backend: to vllm")
@@ -100,9 +102,11 @@ def check_gpus(ctx: CheckContext, state: ProfileState, out: Results) -> None:
     if state.gpu_error:
         out.error("gpus needed", state.gpu_error.replace("\n", "; "), fix, **data)
     elif needed > inventory.count:
-        out.error("gpus needed", f"the profile needs {needed} GPUs; {inventory.count}{assumed} available", fix, **data)
+        out.error("gpus needed", f"the profile needs {quantity(needed, 'GPU')}; "
+                  f"{inventory.count}{assumed} available", fix, **data)
     else:
-        out.ok("gpus needed", f"the profile needs {needed} GPUs; {inventory.count}{assumed} available", **data)
+        out.ok("gpus needed", f"the profile needs {quantity(needed, 'GPU')}; "
+               f"{inventory.count}{assumed} available", **data)
 
 
 # ---------------------------------------------------------------------------- ports
@@ -180,7 +184,9 @@ def check_executables(state: ProfileState, out: Results) -> None:
         out.error("executable", f"{name}: {program!r} is missing or not executable",
                   f"install it, or fix {where} (a path, or a program on PATH)", process=name, program=program)
     if not problems:
-        out.ok("executables", f"the programs of all {len(plan.processes)} processes are present")
+        count = len(plan.processes)
+        out.ok("executables", f"the programs of all {count} processes are present" if count != 1
+               else "the program of the one process is present")
 
 
 # ---------------------------------------------------------------------------- model

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 from dynamo.core.check.context import CheckContext
 from dynamo.core.check.model import Results
+from dynamo.core.text import quantity
 
 MIN_PYTHON = (3, 10)
 IMPORT_BUDGET = 1.5
@@ -212,11 +213,11 @@ def _torch(ctx: CheckContext, out: Results, found: tuple[str, str] | None, probe
                 device_count=probe.get("device_count"))
     timing = _timing(probe, budget)
     if probe.get("cuda_available"):
-        out.ok("torch", f"torch {version}{timing}: sees CUDA {probe.get('cuda')} on {probe.get('device_count')} GPUs",
-               **data)
+        out.ok("torch", f"torch {version}{timing}: sees CUDA {probe.get('cuda')} "
+               f"on {quantity(probe.get('device_count') or 0, 'GPU')}", **data)
     elif gpus:
         why = "a CPU build" if not probe.get("cuda") else f"built for CUDA {probe.get('cuda')}, which the driver cannot run"
-        out.warn("torch", f"torch {version}{timing} does not see the {gpus} GPUs ({why})",
+        out.warn("torch", f"torch {version}{timing} does not see the {quantity(gpus, 'GPU')} ({why})",
                  "install the torch build matching the driver's CUDA (see the driver line)", **data)
     else:
         build = "a CPU build" if "+cpu" in version else "no GPU here"

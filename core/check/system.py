@@ -10,6 +10,7 @@ from pathlib import Path
 
 from dynamo.core.check.context import CheckContext
 from dynamo.core.check.model import Results
+from dynamo.core.text import quantity
 
 GiB = 2**30
 MiB = 2**20
@@ -69,11 +70,11 @@ def check_cpu(out: Results) -> None:
     except (AttributeError, OSError):
         usable = logical
     quota = _cgroup_cpu_quota()
-    text = f"{logical} cores"
+    text = f"{quantity(logical, 'core')}"
     if usable != logical:
         text += f", {usable} usable by this process (CPU affinity)"
     if quota is not None:
-        text += f", cgroup quota {quota:g} CPUs"
+        text += f", cgroup quota {quantity(quota, 'CPU')}"
     out.ok("cpu", text, cores=logical, usable=usable, cgroup_quota=quota)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import os
 import socket
 import sys
@@ -54,6 +55,7 @@ def test_counted_gpus_skip_explicit_ids():
     "text, gpus, expected",
     [
         ("name: p\nmodel: {name: m}\nworkers:\n  w: {replicas: 4, gpus: 2}\n", 4, "the profile needs 8 GPUs; 4 GPUs available"),
+        ("name: p\nmodel: {name: m}\nworkers:\n  w: {replicas: 2, gpus: 1}\n", 1, "the profile needs 2 GPUs; 1 GPU available: 0"),
         ("name: p\nmodel: {name: m}\nworkers:\n  w: {gpus: [9]}\n", 8, "GPU 9 does not exist"),
         ("name: p\nmodel: {name: m}\nworkers:\n  a: {gpus: [1]}\n  b: {gpus: [1]}\n", 8, "GPU 1 is already used by a-0"),
         ("name: p\nmodel: {name: m}\nworkers:\n  w: {gpus: 1}\n", 0, "no NVIDIA GPU"),
@@ -201,3 +203,27 @@ def test_dry_run_without_gpus_explains_and_exits_2():
     assert result.returncode == 2
     assert "no NVIDIA GPU" in result.stderr and "--backend mocker" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_set_on_a_misspelt_worker_group_is_an_error_not_a_new_group():
+    shown = dynamo("serve", "agg", "--assume-gpus", "8", "--set", "workers.decod.replicas=4", "--dry-run")
+    assert shown.returncode == 2
+    assert "no worker group 'decod'; did you mean 'decode'?" in shown.stderr
+
+
+@pytest.mark.parametrize("workers, expected", [
+    ("  p: {role: prefill}\n", "prefill workers (p) need a group with role decode"),
+    ("  w: {replicas: 0}\n", "every group has replicas: 0"),
+])
+def test_a_profile_where_nothing_can_answer_is_refused(workers, expected):
+    with pytest.raises(Exception, match=re.escape(expected)):
+        plan_of("name: p\nmodel: {name: m}\nworkers:\n" + workers)
+
+
+def test_bad_mocker_flag_values_are_refused_before_anything_starts(tmp_path):
+    result = dynamo("serve", "agg", "--backend", "mocker", "--set", "workers.decode.args.max-num-seqs=",
+                    "--set", "frontend.port=0", "--set", "nats.port=0", "--set", "ports.base=0",
+                    env={"DYNAMO_HOME": str(tmp_path)}, timeout=30)
+    assert result.returncode == 2
+    assert "the mocker rejects the planned flags: argument --max-num-seqs: expected a positive integer" in result.stderr
+    assert not (tmp_path / "runs").exists()

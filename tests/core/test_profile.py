@@ -77,6 +77,7 @@ def test_backend_override():
         ("name: p\nmodel: {name: m}\nworkers:\n  w: {replicas: -1}\n", ["workers.w.replicas", "greater than or equal to 0"]),
         ("name: p\nmodel: {name: m}\nworkers:\n  w: {gpus: [0, 1, 0]}\n", ["workers.w.gpus", "GPU id 0 is listed twice"]),
         ("name: p\nmodel: {name: m}\nworkers:\n  w: {replicas: 2, gpus: [0, 1, 2]}\n", ["cannot be split evenly"]),
+        ("name: p\nmodel: {name: m}\nworkers:\n  w: {replicas: 2, gpus: [3]}\n", ["1 GPU id cannot be split evenly"]),
         ("name: p\nmodel: {name: m}\nrouter: {mode: fastest}\nworkers: {w: {}}\n", ["p.yaml:3:16", "router.mode"]),
         ("name: p\nmodel: {name: m}\nrestart: {backoff: {initial: soon}}\nworkers: {w: {}}\n", ["restart.backoff.initial", "duration"]),
         ("name: p\nmodel: {name: m}\nnats: redis://x\nworkers: {w: {}}\n", ["nats", "nats:// URL"]),
@@ -125,3 +126,45 @@ def test_schema_accepts_durations_as_strings():
     schema = profile_json_schema()
     backoff = schema["$defs"]["Backoff"]["properties"]["initial"]
     assert any(option.get("type") == "string" for option in backoff["anyOf"])
+
+
+def test_a_local_directory_does_not_shadow_a_shipped_profile(tmp_path: Path):
+    (tmp_path / "agg").mkdir()
+    result = dynamo("profile", "validate", "agg", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert f"{SHIPPED_PROFILES_DIR / 'agg.yaml'}: ok" in result.stdout
+    result = dynamo("serve", "agg", "--backend", "mocker", "--dry-run", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+
+
+def test_a_directory_or_a_binary_file_is_a_clear_error(tmp_path: Path):
+    (tmp_path / "p.yaml").write_text(MINIMAL)
+    result = dynamo("serve", str(tmp_path), "--backend", "mocker", "--dry-run")
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    assert f"{tmp_path}: is a directory, not a profile file; give a YAML file (it holds p.yaml)" in result.stderr
+    binary = tmp_path / "bin.yaml"
+    binary.write_bytes(b"\xff\xfe")
+    result = dynamo("serve", str(binary), "--backend", "mocker", "--dry-run")
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    assert f"{binary}: not a UTF-8 text file (byte 0xff at offset 0)" in result.stderr
+
+
+def test_validate_checks_every_file_and_reports_every_problem(tmp_path: Path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: p\nmodel: {name: m}\nworkers:\n  w: {replicas: -1}\n")
+    good = tmp_path / "good.yaml"
+    good.write_text(MINIMAL)
+    result = dynamo("profile", "validate", str(bad), str(tmp_path / "missing.yaml"), str(good))
+    assert result.returncode == 2
+    assert f"{bad}:4:17: workers.w.replicas" in result.stderr
+    assert f"{tmp_path / 'missing.yaml'}: no such file" in result.stderr
+    assert f"{good}: ok (p: backend vllm, 1 worker group, 1 worker)" in result.stdout
+    assert "Traceback" not in result.stderr
+
+
+def test_schema_into_a_missing_directory_is_a_clear_error(tmp_path: Path):
+    target = tmp_path / "nodir" / "schema.json"
+    result = dynamo("profile", "schema", "-o", str(target))
+    assert result.returncode == 2
+    assert f"--output {target}: cannot write: No such file or directory" in result.stderr
+    assert "Traceback" not in result.stderr

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
+import signal
 import subprocess
 
 import kubernetes_validate
@@ -15,6 +18,7 @@ from tests.conftest import dynamo
 
 K8S_VERSION = "1.30.0"
 PROFILES = sorted(p.stem for p in SHIPPED_PROFILES_DIR.glob("*.yaml"))
+TOKEN = ["nats.token=tok"]  # the rendered manifests then carry the token's Secret
 
 
 def by_kind(manifests: list[dict], kind: str) -> list[dict]:
@@ -23,7 +27,7 @@ def by_kind(manifests: list[dict], kind: str) -> list[dict]:
 
 @pytest.mark.parametrize("name", PROFILES)
 def test_every_shipped_profile_renders_to_valid_manifests(name):
-    manifests = render_kubernetes(load_profile(name), "registry.example.com/dynamo:1")
+    manifests = render_kubernetes(load_profile(name, TOKEN), "registry.example.com/dynamo:1")
     for manifest in manifests:
         kubernetes_validate.validate(manifest, K8S_VERSION, strict=True)
     kinds = {m["kind"] for m in manifests}
@@ -31,7 +35,7 @@ def test_every_shipped_profile_renders_to_valid_manifests(name):
 
 
 def test_workers_request_gpus_and_probe_like_the_supervisor():
-    loaded = load_profile("disagg")
+    loaded = load_profile("disagg", TOKEN)
     manifests = render_kubernetes(loaded, "img")
     sets = {m["metadata"]["name"]: m for m in by_kind(manifests, "StatefulSet")}
     profile = loaded.profile
@@ -48,9 +52,9 @@ def test_workers_request_gpus_and_probe_like_the_supervisor():
 
 
 def test_the_pod_profile_plans_one_worker_on_the_pod_ip():
-    manifests = render_kubernetes(load_profile("agg"), "img")
+    manifests = render_kubernetes(load_profile("agg", TOKEN), "img")
     text = by_kind(manifests, "ConfigMap")[0]["data"]["profile.yaml"]
-    pod = parse_profile(str(text), "pod.yaml", env={"POD_IP": "10.1.2.3"})
+    pod = parse_profile(str(text), "pod.yaml", env={"POD_IP": "10.1.2.3", "DYNAMO_NATS_TOKEN": "tok"})
     plan = build_plan(pod, assumed_inventory(1), node="decode", replica=1)
     assert [p.name for p in plan.processes] == ["decode-1"]
     worker = plan.processes[0]
@@ -58,7 +62,7 @@ def test_the_pod_profile_plans_one_worker_on_the_pod_ip():
     assert worker.env["CUDA_VISIBLE_DEVICES"] == "0"
     frontend = build_plan(pod, assumed_inventory(0), node="frontend").processes
     assert [p.kind for p in frontend] == ["frontend"]
-    assert "nats://dynamo-agg-nats:4222" in frontend[0].argv
+    assert "nats://tok@dynamo-agg-nats:4222" in frontend[0].argv
 
 
 def test_nats_token_goes_in_a_secret_and_nodes_become_node_selectors():
@@ -95,6 +99,71 @@ def test_slurm_refuses_an_open_nats_on_the_cluster_network():
 
 
 def test_render_cli_writes_yaml():
-    result = dynamo("render", "k8s", "agg", "--image", "img:1")
+    result = dynamo("render", "k8s", "agg", "--image", "img:1", "--set", "nats.token=tok")
     assert result.returncode == 0, result.stderr
     assert "kind: StatefulSet" in result.stdout and "nvidia.com/gpu: 1" in result.stdout
+
+
+def test_k8s_nats_always_takes_a_token_from_a_secret():
+    # NATS is a Service every pod of the cluster can reach: never open, with or without nats.token
+    result = dynamo("render", "k8s", "agg", "--image", "img")
+    assert result.returncode == 0, result.stderr
+    assert "kubectl create secret generic dynamo-agg-nats-token --from-literal=token=" in result.stderr
+    manifests = render_kubernetes(load_profile("agg"), "img")
+    assert not by_kind(manifests, "Secret")  # the user creates it, as the command above says
+    nats = next(m for m in by_kind(manifests, "Deployment") if m["metadata"]["name"] == "dynamo-agg-nats")
+    assert "--auth" in nats["spec"]["template"]["spec"]["containers"][0]["args"]
+    for workload in by_kind(manifests, "Deployment") + by_kind(manifests, "StatefulSet"):
+        env = workload["spec"]["template"]["spec"]["containers"][0]["env"]
+        assert {"name": "DYNAMO_NATS_TOKEN", "valueFrom": {"secretKeyRef": {
+            "name": "dynamo-agg-nats-token", "key": "token"}}} in env
+    given = dynamo("render", "k8s", "multinode", "--image", "img", env={"DYNAMO_NATS_TOKEN": "tok"})
+    assert given.returncode == 0 and "kind: Secret" in given.stdout and "kubectl" not in given.stderr
+    # an external NATS is secured by whoever runs it
+    external = parse_profile("name: p\nmodel: {name: m}\nnats: nats://nats.example:4222\nworkers:\n  w: {}\n", env={})
+    assert not by_kind(render_kubernetes(external, "img"), "Secret")
+
+
+@pytest.mark.parametrize("args", [["k8s", "agg", "--image", "img", "--set", "nats.token=tok"], ["slurm", "agg"]])
+def test_render_into_a_missing_directory_is_a_clear_error(tmp_path, args):
+    target = tmp_path / "nodir" / "out"
+    result = dynamo("render", *args, "-o", str(target))
+    assert result.returncode == 2, result.stderr
+    assert f"--output {target}: cannot write: No such file or directory" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def _running(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except FileNotFoundError:
+        return False
+
+
+def test_slurm_script_stops_every_node_when_one_exits_and_keeps_its_status(tmp_path):
+    """The script's own supervision tail, run for real under its `set -euo pipefail`, with the
+    srun lines replaced by a node that fails (exit 3) and a node that keeps running."""
+    script = render_slurm(load_profile("multinode", TOKEN), "profiles/multinode.yaml", TOKEN, None, None, None)
+    lines = script.splitlines()
+    last_srun = max(i for i, line in enumerate(lines) if line.startswith("srun "))
+    assert "set -euo pipefail" in lines[:last_srun]
+    survivor_pid = tmp_path / "survivor.pid"
+    path = tmp_path / "tail.sh"
+    path.write_text("\n".join(["set -euo pipefail",
+                               f"sleep 60 >/dev/null 2>&1 & echo $! > {survivor_pid}",  # not holding our pipe open
+                               "(sleep 0.3; exit 3) &",
+                               *lines[last_srun + 1:]]) + "\n")
+    # its own session: the script's `kill 0` must reach its children, not pytest
+    proc = subprocess.Popen(["bash", str(path)], start_new_session=True, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        output, _ = proc.communicate(timeout=30)
+        survivor_alive = _running(int(survivor_pid.read_text()))
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    assert proc.returncode == 3, output
+    assert not survivor_alive, "the other node's supervisor was left running"
+    assert "a node supervisor exited (3)" in output

@@ -229,3 +229,54 @@ def _assert_port_free(port: int) -> None:
             except OSError:
                 time.sleep(0.05)
     raise AssertionError(f"port {port} is still held by an escaped process")
+
+
+def test_a_worker_refusing_its_arguments_fails_the_run_with_exit_2_and_no_restarts(tmp_path, serve):
+    profile = fake_profile(tmp_path, replicas=1, engine_args="--exit-at-once 2",
+                           restart="{policy: on-failure, max_restarts: 3, backoff: {initial: 0.2s}}")
+    run = serve(profile)
+    assert run.wait_exit(60) == 2
+    assert not [e for e in run.events() if e["event"] == "restarting"]
+    assert "a usage error" in run.state()["failure"]
+    assert marked(run.marker) == []
+
+
+def test_two_runs_racing_for_the_same_ports_one_wins_the_other_exits_2(tmp_path):
+    ports = ("--set", f"frontend.port={_free_port()}", "--set", f"nats.port={_free_port()}",
+             "--set", "ports.base=0")
+    profile = fake_profile(tmp_path)
+    env = {"DYNAMO_HOME": str(tmp_path / "home")}
+    import subprocess
+    import sys
+
+    runs = [subprocess.Popen([sys.executable, "-m", "dynamo.cli.app", "serve", str(profile), *ports, "--detach",
+                              "--run-dir", str(tmp_path / name)], env={**os.environ, **env}, text=True,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE) for name in ("a", "b")]
+    try:
+        results = [(r.wait(90), *r.communicate()) for r in runs]
+        assert sorted(code for code, _, _ in results) == [0, 2], results
+        loser = next(err for code, _, err in results if code == 2)
+        # refused before starting (the port check) or once its process found the port taken: never "ready"
+        assert "already in use" in loser or "held by" in loser, loser
+        assert "Traceback" not in loser
+    finally:
+        for name in ("a", "b"):
+            dynamo("stop", str(tmp_path / name), "--timeout", "10", env=env)
+    for name in ("a", "b"):
+        assert marked(str((tmp_path / name).resolve())) == []
+
+
+def test_a_run_directory_in_use_is_refused_and_reused_once_stopped(tmp_path):
+    profile = fake_profile(tmp_path, replicas=1)
+    env = {"DYNAMO_HOME": str(tmp_path / "home")}
+    where = str(tmp_path / "same")
+    try:
+        assert dynamo("serve", str(profile), "--detach", "--run-dir", where, env=env, timeout=60).returncode == 0
+        again = dynamo("serve", str(profile), "--detach", "--run-dir", where, env=env, timeout=60)
+        assert again.returncode == 2 and "in use by a running supervisor" in again.stderr
+        assert dynamo("stop", where, env=env, timeout=60).returncode == 0
+        reused = dynamo("serve", str(profile), "--detach", "--run-dir", where, env=env, timeout=60)
+        assert reused.returncode == 0 and "is ready" in reused.stdout, reused.stderr  # not the old "stopped"
+    finally:
+        dynamo("stop", where, "--timeout", "10", env=env)
+    assert marked(str((tmp_path / "same").resolve())) == []

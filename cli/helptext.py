@@ -1,0 +1,54 @@
+"""Help text for the terminal: source docstrings are wrapped for the editor, rich wraps for the screen.
+
+Typer keeps every newline of a docstring, so a paragraph wrapped at ~90 columns in the source
+breaks mid-sentence again in an 80-column terminal. :func:`reflow` makes each paragraph, or
+each item of a list, one line and leaves the wrapping to rich.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import typer
+
+
+def reflow(text: str) -> str:
+    """One line per paragraph or list item.
+
+    A paragraph whose first line ends with ':' and whose other lines are all indented is a
+    header with items (examples), one per line. In a paragraph with some indented lines, an
+    unindented line starts an item and indented lines continue it. Any other paragraph is prose.
+    """
+    out = []
+    for paragraph in inspect.cleandoc(text).split("\n\n"):
+        lines = [line for line in paragraph.splitlines() if line.strip()]
+        if not lines:
+            continue
+        rest = lines[1:]
+        if lines[0].rstrip().endswith(":") and rest and all(line.startswith(" ") for line in rest):
+            out.append("\n".join(lines))
+            continue
+        listed = any(line.startswith(" ") for line in rest)
+        items: list[str] = []
+        for line in lines:
+            if items and (line.startswith(" ") or not listed):
+                items[-1] += " " + line.strip()
+            else:
+                items.append(line.strip())
+        out.append("\n".join(items))
+    return "\n\n".join(out)
+
+
+def reflow_help(app: typer.Typer) -> None:
+    """Reflow the help of every command and group of ``app``, recursively."""
+    callbacks = [command.callback for command in app.registered_commands]
+    if app.registered_callback is not None:
+        callbacks.append(app.registered_callback.callback)
+    for callback in callbacks:
+        if callback is not None and callback.__doc__:
+            callback.__doc__ = reflow(callback.__doc__)
+    if app.info.help and isinstance(app.info.help, str):
+        app.info.help = reflow(app.info.help)
+    for group in app.registered_groups:
+        if group.typer_instance is not None:
+            reflow_help(group.typer_instance)
