@@ -8,7 +8,9 @@ own TTL removes them from storage.
 A watcher that has heard nothing of an entry for ``ttl`` asks the bucket before dropping it:
 silence is also what a NATS outage or a watch that has not recovered from a NATS restart
 looks like, and then the workers are most likely still serving. Entries are dropped only on
-the bucket's word (gone, or not refreshed for ``ttl``), never because NATS is unreachable.
+the bucket's word (gone, or not refreshed for ``ttl``), never because NATS is unreachable, and
+not in the first ``ttl`` after NATS comes back (a restarted NATS may have lost the entries
+until their publishers, reconnecting too, put them again).
 """
 
 from __future__ import annotations
@@ -142,15 +144,24 @@ class DiscoveryPublisher:
                 except Exception:
                     pass
 
-    async def close(self) -> None:
+    async def close(self, timeout: float = 2.0) -> None:
+        """Remove this node's entries and disconnect, within ``timeout``: with NATS frozen or gone,
+        stopping must not wait on it (the entries then expire on their own)."""
         if self._task:
             self._task.cancel()
-        for key in list(self.entries):
-            await self.remove(key)
-        try:
+
+        async def remove_all() -> None:
+            for key in list(self.entries):
+                await self.remove(key)
             await self.nc.drain()
-        except Exception:
-            pass
+
+        try:
+            await asyncio.wait_for(remove_all(), timeout)
+        except Exception:  # timeout, or NATS already gone
+            try:
+                await asyncio.wait_for(self.nc.close(), 0.5)
+            except Exception:
+                pass
 
 
 @dataclass
@@ -181,7 +192,7 @@ class DiscoveryWatcher:
         self._tasks: list[asyncio.Task] = []
         self.kv = None
         self._reconnects = 0
-        self._settled_at = 0.0  # after a reconnect, publishers get until then to put their entries again
+        self._settled_at = 0.0  # after a NATS outage, publishers get until then to put their entries again
 
     async def start(self) -> None:
         self.kv = kv = await open_bucket(self.nc, self.ttl)
@@ -218,13 +229,14 @@ class DiscoveryWatcher:
             await asyncio.sleep(min(1.0, self.ttl / 4))
             now = time.monotonic()
             reconnects = self.nc.stats.get("reconnects", 0)
-            if reconnects != self._reconnects:
-                self._reconnects, self._settled_at = reconnects, now + self.ttl / 3 + 1.0
+            if reconnects != self._reconnects:  # NATS came back, maybe empty: publishers put their entries again
+                self._reconnects, self._settled_at = reconnects, max(self._settled_at, now + self.ttl)
             changed = False
             for key in [k for k, inst in self.instances.items() if now - inst.seen > self.ttl]:
                 data = await self._registered(key)
-                if data is None:
-                    break  # NATS is unreachable: keep what we know
+                if data is None:  # NATS is unreachable: keep what we know, and give publishers time after
+                    self._settled_at = max(self._settled_at, time.monotonic() + self.ttl / 2)
+                    break
                 if key not in self.instances:
                     continue  # deleted meanwhile
                 if data:  # alive; the watch missed its refreshes

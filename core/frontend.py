@@ -36,6 +36,8 @@ from dynamo.core.upstream import UpstreamError, UpstreamPool, UpstreamResponse
 from dynamo.core.text import quantity
 
 SUSPECT_SECONDS = 2.0
+STALLED_SECONDS = 2.0  # a stream silent this long on a worker that left rotation moves to another one
+MOVE_STUCK_FOR = 30.0  # how long after a worker left rotation its stuck requests are still looked for
 REPLACEMENT_WAIT = 3.0  # how long a request whose every worker failed waits for one to (re)join
 _HOP_HEADERS = {"content-length", "transfer-encoding", "connection", "keep-alive", "content-encoding", "date", "server"}
 _json_encode = msgspec.json.Encoder().encode
@@ -461,17 +463,30 @@ class Frontend:
 
     def _workers_changed(self) -> None:
         """Discovery changed. A worker that left rotation (failing health, gone, replaced) may hold
-        streaming requests it has not answered at all, a frozen one forever: they go to another
-        worker now (engines answer a stream's headers at once, so nothing is lost). Streams it
-        has answered are left to finish or, if they break, to migrate; unary requests, whose
-        answer comes whole at the end, wait for the worker or its end."""
+        requests a frozen process would keep forever: streams and prefills it has not answered at
+        all, and streams silent for ``STALLED_SECONDS``, move to another worker now (a stream
+        continues from the text already sent; nothing the client saw is lost). Streams still
+        flowing are left to finish; unary requests, whose answer comes whole at the end, wait for
+        the worker or its end."""
         if self._discovery_changed is not None and not self._discovery_changed.done():
             self._discovery_changed.set_result(None)
         current = {i.key: (i.url, i.data.get("pid")) for i in self.watcher.instances.values()}
-        for key, (url, pid) in self.known.items():
-            if current.get(key) != (url, pid) and self.upstream is not None:
-                self.upstream.abort_unanswered(url, f"worker {key} left rotation before answering")
+        left = [(key, url) for key, (url, pid) in self.known.items() if current.get(key) != (url, pid)]
         self.known = current
+        if self.upstream is not None:
+            for key, url in left:
+                asyncio.ensure_future(self._move_stuck(key, url))
+
+    async def _move_stuck(self, key: str, url: str) -> None:
+        """While worker ``key`` is out of rotation, its stuck requests move, checked twice a second:
+        a stream may fall silent only after its worker left (a freeze is noticed within a probe)."""
+        for _ in range(int(MOVE_STUCK_FOR / 0.5)):
+            self.upstream.abort_stuck(url, f"worker {key} left rotation", STALLED_SECONDS)
+            if not self.upstream.busy(url):
+                return
+            await asyncio.sleep(0.5)
+            if self.known.get(key, (None,))[0] == url:
+                return  # back in rotation (healthy again, or replaced: the old connections died with it)
 
     def serving_workers(self) -> list[Instance]:
         return self.pool(("agg", "decode"))

@@ -42,7 +42,8 @@ class NatsRouterClient:
     """Asks the router process over NATS request/reply.
 
     A router that does not answer in time (frozen, swamped) is not asked again for
-    ``QUIET_SECONDS``: one request per period pays the timeout instead of every request.
+    ``QUIET_SECONDS``, and then by one request at a time until it answers: one request per
+    period pays the timeout instead of every request.
     """
 
     QUIET_SECONDS = 1.0
@@ -52,19 +53,26 @@ class NatsRouterClient:
         self.route_subject = route_subject(namespace)
         self.load_subject = load_subject(namespace)
         self.quiet_until = 0.0
+        self.doubted = False  # the last answer did not come in time
+        self.probing = False  # a request is finding out whether it comes now
 
     async def route(self, request_id: str, hashes: list[int], pool: str, account: bool, timeout: float) -> dict | None:
-        if time.monotonic() < self.quiet_until:
+        if time.monotonic() < self.quiet_until or (self.doubted and self.probing):
             return None
         payload = _encode({"request_id": request_id, "hashes": hashes, "pool": pool, "account": account})
+        probe, self.probing = self.doubted, self.probing or self.doubted
         try:
             msg = await self.nc.request(self.route_subject, payload, timeout=timeout)
             decision = _decode(msg.data)
+            self.doubted = False
         except asyncio.TimeoutError:
-            self.quiet_until = time.monotonic() + self.QUIET_SECONDS
+            self.doubted, self.quiet_until = True, time.monotonic() + self.QUIET_SECONDS
             return None
         except Exception:  # no responders, connection trouble: the caller routes locally
             return None
+        finally:
+            if probe:
+                self.probing = False
         return None if not isinstance(decision, dict) or "error" in decision else decision
 
     async def event(self, event: str, request_id: str) -> None:

@@ -420,9 +420,9 @@ class Supervisor:
         self.stop_requested = True
         self.status = "stopping"
         self._write_state()
-        if self.discovery is not None:
-            await self.discovery.close()
         t0 = time.time()
+        if self.discovery is not None:
+            await self.discovery.close()  # workers leave discovery before they stop (bounded if NATS is gone)
         for stage in reversed(STAGES):
             comps = [c for c in self.components if c.spec.kind == stage and c.proc is not None]
             await asyncio.gather(*(self._terminate(c, final=True) for c in comps))

@@ -147,6 +147,7 @@ class _Connection(asyncio.Protocol):
         self._released = False
         self._keep_alive = True
         self._got_bytes = False
+        self.last_read = 0.0
 
     # ------------------------------------------------------------ asyncio callbacks
 
@@ -168,6 +169,7 @@ class _Connection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self._got_bytes = True
+        self.last_read = time.monotonic()
         if self._head is not None:
             head = self._head + data
             end = head.find(b"\r\n\r\n")
@@ -449,18 +451,27 @@ class UpstreamPool:
         conn.idle_since = time.monotonic()
         self._idle.setdefault(conn.key, []).append(conn)
 
-    def abort_unanswered(self, base_url: str, reason: str) -> int:
-        """Give up on every movable request to ``base_url`` the worker has not answered at all (no
-        status line yet): each fails with :class:`UpstreamAborted`, so its caller can try another
-        worker, and its connection closes. Answered requests are left alone (a unary response
-        arrives whole at the end, and the work behind it would be lost). Returns how many."""
+    def abort_stuck(self, base_url: str, reason: str, stalled_after: float) -> int:
+        """Give up on the movable requests to ``base_url`` that are stuck: not answered at all (no
+        status line yet), or answered but silent for ``stalled_after`` seconds (a frozen worker's
+        streams; a working one sends tokens every few ms). Each fails with
+        :class:`UpstreamAborted`, so its caller can move it (a stream continues from the text
+        sent), and its connection closes. Requests still receiving are left to finish, and
+        requests that are not movable (unary: the answer comes whole at the end) are never
+        touched. Returns how many."""
         aborted = 0
+        silent_since = time.monotonic() - stalled_after
         for conn in list(self._busy.get(base_url, ())):
-            if conn.movable and conn._head is not None and conn._error is None:
+            if conn.movable and conn._error is None and not conn._complete and (
+                    conn._head is not None or conn.last_read <= silent_since):
                 conn._fail(UpstreamAborted(reason))
                 conn.abort()
                 aborted += 1
         return aborted
+
+    def busy(self, base_url: str) -> int:
+        """Requests to ``base_url`` in flight."""
+        return len(self._busy.get(base_url, ()))
 
     def _not_busy(self, conn: _Connection) -> None:
         busy = self._busy.get(conn.key)

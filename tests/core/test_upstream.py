@@ -157,7 +157,7 @@ def test_a_body_cut_midway_reports_an_error_and_unreachable_workers_raise():
     asyncio.run(main())
 
 
-def test_giving_up_on_a_worker_fails_only_movable_requests_it_has_not_answered():
+def test_giving_up_on_a_worker_fails_only_its_stuck_movable_requests():
     async def main() -> None:
         silent = asyncio.Event()  # a frozen worker: takes requests, never answers
 
@@ -184,13 +184,16 @@ def test_giving_up_on_a_worker_fails_only_movable_requests_it_has_not_answered()
             flowing.stream(sink)
             await asyncio.sleep(0.1)
             assert not any(w.done() for w in (*waiting, unary))
-            assert pool.abort_unanswered(urls[0], "left rotation") == 3
-            assert pool.abort_unanswered(urls[1], "left rotation") == 0  # answered: left alone
+            assert pool.abort_stuck(urls[0], "left rotation", stalled_after=1.0) == 3
+            assert pool.abort_stuck(urls[1], "left rotation", stalled_after=1.0) == 0  # answered 0.1 s ago
             for w in waiting:
                 with pytest.raises(UpstreamAborted, match="left rotation"):
                     await asyncio.wait_for(w, 1)
             await asyncio.sleep(0.05)
             assert sink.pieces == [b"hello"] and not sink.done.done() and not unary.done()
+            # the stream has been silent longer than 0.1 s: stuck, it fails (its caller migrates it)
+            assert pool.abort_stuck(urls[1], "left rotation", stalled_after=0.1) == 1
+            assert isinstance(await asyncio.wait_for(sink.done, 1), UpstreamAborted)
             unary.cancel()
             flowing.close()
         finally:

@@ -401,3 +401,42 @@ def test_client_disconnect_cancels_the_upstream_request(tmp_path, serve):
         time.sleep(0.02)
     assert metric(worker, "vllm:num_requests_running") == 0
     assert metric(worker, "vllm:generation_tokens_total") < 2000
+
+
+def test_streams_of_a_frozen_worker_move_once_it_leaves_rotation(tmp_path, serve):
+    # the frozen worker is killed only after 20 failed probes (~40 s): its streams must not wait for that
+    profile = mocker_profile(tmp_path, workers="""\
+        w: {replicas: 2, args: {speedup-ratio: 1}, readiness_probe: {period: 0.2s, timeout: 0.5s, failure_threshold: 20}}
+        """)
+    run = serve(profile)
+    state = run.wait_ready(60)
+    api = client(state, timeout=60)
+    finished: list[tuple[int, float]] = []
+    errors: list[BaseException] = []
+
+    def one(i: int) -> None:
+        try:
+            chunks = list(api.completions.create(model=MODEL, prompt=f"long story {i}", max_tokens=400, stream=True,
+                                                 stream_options={"include_usage": True}))
+            finished.append((chunks[-1].usage.completion_tokens, time.monotonic()))
+        except BaseException as exc:  # noqa: BLE001 - the test reports any client failure
+            errors.append(exc)
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(6)]
+    for t in threads:
+        t.start()
+    time.sleep(0.5)
+    frozen = state["processes"]["w-0"]["pid"]
+    os.kill(frozen, signal.SIGSTOP)
+    froze_at = time.monotonic()
+    try:
+        for t in threads:
+            t.join(60)
+        assert not errors, errors
+        assert [tokens for tokens, _ in finished] == [400] * 6
+        slowest = max(at for _, at in finished) - froze_at
+        assert slowest < 15, f"a stream waited {slowest:.1f}s on the frozen worker"
+        assert run.state()["processes"]["w-0"]["pid"] == frozen  # moved, not freed by the supervisor's kill
+        assert metric(state["endpoint"], "dynamo_frontend_migrations_total") >= 1
+    finally:
+        os.kill(frozen, signal.SIGCONT)

@@ -280,3 +280,17 @@ def test_a_run_directory_in_use_is_refused_and_reused_once_stopped(tmp_path):
     finally:
         dynamo("stop", where, "--timeout", "10", env=env)
     assert marked(str((tmp_path / "same").resolve())) == []
+
+
+def test_ctrl_c_with_nats_frozen_stops_promptly_and_says_how_long_it_took(tmp_path, serve):
+    run = serve(fake_profile(tmp_path, replicas=1))
+    state = run.wait_ready()
+    os.kill(state["processes"]["nats"]["pid"], signal.SIGSTOP)  # discovery can no longer be updated
+    started = time.monotonic()
+    run.proc.send_signal(signal.SIGINT)
+    assert run.wait_exit(30) == 0
+    took = time.monotonic() - started
+    assert took < 10, f"stopping took {took:.1f}s"  # not NATS's request timeouts, entry by entry
+    stopped = next(e for e in run.events() if e["event"] == "stopped" and e["process"] == "dynamo")
+    assert stopped["seconds_to_stop"] >= min(took, 2.0) - 0.5  # the time reported includes the discovery wait
+    assert marked(run.marker) == []
