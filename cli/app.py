@@ -91,7 +91,8 @@ def serve(
 
 # ---------------------------------------------------------------------------- ps / logs / stop
 
-RunArg = typer.Argument(None, help="Run id (a unique prefix is enough) or run directory; default: the newest active run.",
+RunArg = typer.Argument(None, help="Run id (a unique prefix is enough) or run directory; default: the newest active "
+                        "run, else the newest run.",
                         show_default=False)
 
 

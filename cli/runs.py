@@ -70,10 +70,14 @@ def ps(run: str | None, as_json: bool, all_runs: bool) -> None:
                   + (f"  endpoint {state['endpoint']}" if state.get("endpoint") else "")
                   + (f"\nfailure: {state['failure']}" if state.get("failure") else ""))
     table = Table("NAME", "KIND", "STATUS", "PID", "RESTARTS", "PORTS", "GPUS", "UP", box=None)
+    orphaned = _status(state).startswith("dead")  # the last statuses its supervisor wrote are stale
     for name, proc in state.get("processes", {}).items():
         ports = " ".join(f"{k}={v}" for k, v in (proc.get("ports") or {}).items())
-        up = _uptime(proc.get("started_at")) if proc.get("status") in ("ready", "starting", "unhealthy") else "-"
-        table.add_row(name, proc.get("kind", ""), proc.get("status", ""), str(proc.get("pid") or "-"),
+        status = proc.get("status", "")
+        if orphaned and status not in ("stopped", "exited", "failed", "pending"):
+            status = "orphaned (still running)" if pid_alive(proc.get("pid")) else "gone"
+        up = _uptime(proc.get("started_at")) if status in ("ready", "starting", "unhealthy") else "-"
+        table.add_row(name, proc.get("kind", ""), status, str(proc.get("pid") or "-"),
                       str(proc.get("restarts", 0)), ports, ",".join(map(str, proc.get("gpus") or [])) or "-", up)
     console.print(table)
 

@@ -100,7 +100,7 @@ def port_holder(port: int) -> str | None:
                 return "another user's process"
             try:
                 proc = psutil.Process(conn.pid)
-                cmd = " ".join(proc.cmdline()) or proc.name()
+                cmd = " ".join(" ".join(proc.cmdline()).split()) or proc.name()  # one line, whatever the argv holds
             except psutil.Error:
                 cmd = "?"
             if len(cmd) > 80:

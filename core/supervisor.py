@@ -445,7 +445,7 @@ class Supervisor:
         self.status = "failed" if self.failure else "stopped"
         self._write_state()
         self.run.event("dynamo", self.status, seconds_to_stop=round(time.time() - t0, 3), reason=self.failure)
-        self.printer.system(f"{self.status} in {time.time() - t0:.2f}s" + (f": {self.failure}" if self.failure else ""))
+        self.printer.system(f"stopped in {time.time() - t0:.2f}s" + (f" after a failure: {self.failure}" if self.failure else ""))
 
     async def _terminate(self, comp: Component, final: bool = False) -> None:
         """SIGTERM the group and descendants, wait the grace period, then SIGKILL what is left."""

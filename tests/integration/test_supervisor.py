@@ -111,6 +111,9 @@ def test_sigkill_of_the_supervisor_leaves_no_process_behind(tmp_path, serve):
         time.sleep(0.05)
     assert marked(run.marker) == [], "processes of the run survived their supervisor"
     _assert_port_free(escape_port)
+    shown = dynamo("ps", str(run.dir)).stdout
+    assert "dead (supervisor gone)" in shown
+    assert " ready " not in shown and shown.count(" gone ") >= 3, shown  # not its last stale statuses
 
 
 def test_escaped_descendants_are_killed_on_a_normal_stop(tmp_path, serve):
