@@ -42,9 +42,12 @@ async def connect(url: str, name: str, timeout: float = 5.0,
     last: Exception | None = None
     where = _redact(url)
     connected = True
+    client: list[nats.NATS] = []
 
     async def disconnected() -> None:
         nonlocal connected
+        if client and (client[0].is_closed or client[0].is_draining):
+            return  # our own close, not a lost connection
         if connected:
             connected = False
             print(f"{name}: lost the connection to NATS at {where}; reconnecting", file=sys.stderr, flush=True)
@@ -61,11 +64,13 @@ async def connect(url: str, name: str, timeout: float = 5.0,
 
     while time.monotonic() < deadline:
         try:
-            return await nats.connect(
+            nc = await nats.connect(
                 url, name=name, connect_timeout=min(2.0, timeout), allow_reconnect=True,
                 max_reconnect_attempts=-1, reconnect_time_wait=0.5,
                 disconnected_cb=disconnected, reconnected_cb=reconnected, error_cb=error,
             )
+            client.append(nc)
+            return nc
         except Exception as exc:  # nats raises several unrelated types on refusal
             last = exc
             await asyncio.sleep(0.1)
@@ -142,7 +147,20 @@ class DiscoveryPublisher:
                 try:
                     await self._put(key, entry)
                 except Exception:
-                    pass
+                    if not await self._reopen():
+                        break  # NATS unreachable: next round
+                    try:
+                        await self._put(key, entry)
+                    except Exception:
+                        pass
+
+    async def _reopen(self) -> bool:
+        """Open (or create) the bucket again: a NATS that came back without its storage has lost it."""
+        try:
+            self.kv = await asyncio.wait_for(open_bucket(self.nc, self.ttl), 2.0)
+            return True
+        except Exception:
+            return False
 
     async def close(self, timeout: float = 2.0) -> None:
         """Remove this node's entries and disconnect, within ``timeout``: with NATS frozen or gone,
@@ -191,13 +209,29 @@ class DiscoveryWatcher:
         self.on_change = on_change
         self._tasks: list[asyncio.Task] = []
         self.kv = None
+        self._watch = None
         self._reconnects = 0
         self._settled_at = 0.0  # after a NATS outage, publishers get until then to put their entries again
 
     async def start(self) -> None:
         self.kv = kv = await open_bucket(self.nc, self.ttl)
-        watcher = await kv.watch(f"{self.namespace}.>")
+        self._watch = watcher = await kv.watch(f"{self.namespace}.>")
         self._tasks = [asyncio.create_task(self._follow(watcher)), asyncio.create_task(self._expire())]
+
+    async def _rewatch(self) -> None:
+        """After a reconnect: watch afresh (the bucket may be new, or the old watch slow to recover)."""
+        try:
+            kv = await asyncio.wait_for(open_bucket(self.nc, self.ttl), 2.0)
+            watcher = await asyncio.wait_for(kv.watch(f"{self.namespace}.>"), 2.0)
+        except Exception:
+            return  # still unreachable: the next reconnect tries again
+        self.kv, old, self._watch = kv, self._watch, watcher
+        self._tasks[0].cancel()
+        self._tasks[0] = asyncio.create_task(self._follow(watcher))
+        try:
+            await asyncio.wait_for(old.stop(), 1.0)
+        except Exception:
+            pass
 
     async def _follow(self, watcher) -> None:
         while True:
@@ -231,14 +265,15 @@ class DiscoveryWatcher:
             reconnects = self.nc.stats.get("reconnects", 0)
             if reconnects != self._reconnects:  # NATS came back, maybe empty: publishers put their entries again
                 self._reconnects, self._settled_at = reconnects, max(self._settled_at, now + self.ttl)
+                await self._rewatch()
             changed = False
-            for key in [k for k, inst in self.instances.items() if now - inst.seen > self.ttl]:
+            for key, inst in [(k, i) for k, i in self.instances.items() if now - i.seen > self.ttl]:
                 data = await self._registered(key)
                 if data is None:  # NATS is unreachable: keep what we know, and give publishers time after
                     self._settled_at = max(self._settled_at, time.monotonic() + self.ttl / 2)
                     break
-                if key not in self.instances:
-                    continue  # deleted meanwhile
+                if self.instances.get(key) is not inst:
+                    continue  # updated or deleted by the watch meanwhile: that is newer
                 if data:  # alive; the watch missed its refreshes
                     changed |= _replaced(self.instances.get(key), data)
                     self.instances[key] = Instance(key, data)

@@ -355,6 +355,7 @@ class Frontend:
         self.suspect: dict[tuple, float] = {}  # worker incarnation -> until when it is avoided
         self.known: dict[str, tuple] = {}  # worker key -> (url, pid) as last seen in discovery
         self._discovery_changed: asyncio.Future | None = None  # resolved at the next discovery change
+        self.movers: dict[str, asyncio.Future] = {}  # worker key -> task moving its stuck requests
         metrics = self.metrics_set = MetricSet()
         self.m_requests = metrics.add(Counter("dynamo_frontend_requests",
                                               "Requests by endpoint, type (stream, unary; unknown if refused before "
@@ -407,6 +408,8 @@ class Frontend:
             self.tokenizer = load_tokenizer(None if self.args.model_path in (None, "builtin") else self.args.model_path)
 
     async def stop(self, app: web.Application) -> None:
+        for mover in list(self.movers.values()):
+            mover.cancel()
         if self.router_client is not None:
             await self.router_client.close()
         if self.watcher:
@@ -475,7 +478,12 @@ class Frontend:
         self.known = current
         if self.upstream is not None:
             for key, url in left:
-                asyncio.ensure_future(self._move_stuck(key, url))
+                previous = self.movers.pop(key, None)
+                if previous is not None:
+                    previous.cancel()
+                self.movers[key] = mover = asyncio.ensure_future(self._move_stuck(key, url))
+                mover.add_done_callback(lambda task, key=key: self.movers.pop(key, None)
+                                        if self.movers.get(key) is task else None)
 
     async def _move_stuck(self, key: str, url: str) -> None:
         """While worker ``key`` is out of rotation, its stuck requests move, checked twice a second:
@@ -564,11 +572,19 @@ class Frontend:
             self.m_requests.labels(path, kind, status).inc()
             self.m_duration.observe(time.perf_counter() - started)
             if attempt is not None:
-                if attempt.usage:
-                    self.m_input.inc(attempt.usage.get("prompt_tokens") or 0)
-                    self.m_output.inc(attempt.usage.get("completion_tokens") or 0)
+                usage = attempt.usage or self._usage_so_far(attempt)
+                self.m_input.inc(usage.get("prompt_tokens") or 0)
+                self.m_output.inc(usage.get("completion_tokens") or 0)
                 if self.kv_routing:
                     await self._router_event("finished", attempt)
+
+    def _usage_so_far(self, attempt: Attempt) -> dict:
+        """What a stream that ended without its usage (client gone, worker failed) cost: the tokens
+        sent (a chat stream's opening role chunk is none) and, when the frontend tokenized it,
+        the prompt."""
+        role_chunk = attempt.path.endswith("chat/completions") and not attempt.migrated and attempt.chunks > 0
+        prompt = attempt.prompt_tokens if self.exact_tokenizer else None
+        return {"prompt_tokens": prompt or 0, "completion_tokens": attempt.chunks - role_chunk}
 
     def _check_key(self, request: web.Request) -> None:
         if self.args.api_key and request.headers.get("Authorization") != f"Bearer {self.args.api_key}":
@@ -622,10 +638,12 @@ class Frontend:
             body = self._body_for(attempt, prefill_fields if response is None else None)
             self.picker.in_flight[worker.key] += 1
             try:
-                result = await self._relay(request, attempt, worker, body, response)
+                migratable = bool(attempt.body.get("stream")) and migrations < self.args.migration_limit \
+                    and self._can_continue(attempt)
+                result = await self._relay(request, attempt, worker, body, response, migratable)
             except UpstreamFailed:
                 self.suspect[_incarnation(worker)] = time.monotonic() + SUSPECT_SECONDS
-                again = self.m_retries
+                again = self.m_retries if response is None else self.m_migrations  # a continuation moves on
                 continue
             finally:
                 self.picker.in_flight[worker.key] -= 1
@@ -776,8 +794,10 @@ class Frontend:
             worker = worker or self.picker.pick(candidates)
             tried.add(_incarnation(worker))
             prefill_body = self.protocol.prefill_body(attempt.body, worker.data, attempt.request_id)
-            if self.protocol.concurrent:
-                attempt.background = asyncio.ensure_future(self._post_prefill(worker, attempt, prefill_body, probe))
+            if self.protocol.concurrent:  # SGLang: prefill and decode meet over the bootstrap; not movable
+                attempt.background = asyncio.ensure_future(self._post_prefill(worker, attempt, prefill_body, probe,
+                                                                              movable=False))
+                attempt.background.add_done_callback(_ignore_outcome)
                 self.m_disagg.labels("remote").inc()
                 return self.protocol.decode_fields(attempt.body, None, prefill_body, attempt.path)
             try:
@@ -791,16 +811,16 @@ class Frontend:
             return self.protocol.decode_fields(attempt.body, answer, prefill_body, attempt.path)
 
     async def _post_prefill(self, worker: Instance, attempt: Attempt, body: dict,
-                            routed: Attempt | None = None) -> dict | None:
+                            routed: Attempt | None = None, movable: bool = True) -> dict | None:
         """POST the prefill request; None on a worker error (5xx), ApiError on a client error (4xx).
 
-        It is movable: if the worker leaves rotation before answering (frozen, failing health),
-        it fails at once and another prefill worker, or the decode worker, computes the prompt.
+        ``movable``: if the worker leaves rotation before answering (frozen, failing health), it
+        fails at once and another prefill worker, or the decode worker, computes the prompt.
         ``routed``: the KV router's accounting of this prefill, released when it is over.
         """
         try:
             resp = await self.upstream.request(worker.url, attempt.path, _json_encode(body), {
-                "x-request-id": attempt.request_id, "Content-Type": "application/json"}, movable=True)
+                "x-request-id": attempt.request_id, "Content-Type": "application/json"}, movable=movable)
             data = await resp.read()
         finally:
             if routed is not None:
@@ -814,13 +834,14 @@ class Frontend:
     # --------------------------------------------------------------- proxying
 
     async def _relay(self, request: web.Request, attempt: Attempt, worker: Instance, body: bytes,
-                     response: web.StreamResponse | None) -> web.StreamResponse:
+                     response: web.StreamResponse | None, migratable: bool = False) -> web.StreamResponse:
         """Send to one worker. Raises UpstreamFailed when nothing reached the client yet; returns the
-        client response otherwise (``attempt.finished`` says whether the stream completed)."""
+        client response otherwise (``attempt.finished`` says whether the stream completed).
+        ``migratable``: the stream could continue elsewhere if this worker stalls."""
         try:
             upstream = await self.upstream.request(worker.url, attempt.path, body, {
                 "x-request-id": attempt.request_id, "Content-Type": "application/json"},
-                movable=bool(attempt.body.get("stream")))
+                movable=bool(attempt.body.get("stream")), migratable=migratable)
         except UpstreamError as exc:
             raise UpstreamFailed(str(exc)) from None
         try:
@@ -991,6 +1012,12 @@ class Frontend:
             await response.write_eof()
         except (ConnectionError, RuntimeError):
             pass
+
+
+def _ignore_outcome(future: asyncio.Future) -> None:
+    """A background request's result or failure is not needed (its failure shows in its partner's)."""
+    if not future.cancelled():
+        future.exception()
 
 
 def _instance_key(instance: Instance) -> str:

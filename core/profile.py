@@ -263,12 +263,12 @@ class Profile(Strict):
 
     @model_validator(mode="after")
     def _something_serves(self) -> Profile:
-        serving = [n for n, g in self.workers.items() if g.role in ("agg", "decode") and g.replicas]
-        if not serving:
-            prefill = [n for n, g in self.workers.items() if g.role == "prefill" and g.replicas]
-            raise ValueError("no worker group can answer requests: prefill workers "
-                             f"({', '.join(prefill)}) need a group with role decode" if prefill else
-                             "no worker group can answer requests: every group has replicas: 0")
+        serving = [n for n, g in self.workers.items() if g.role in ("agg", "decode")]
+        if not any(self.workers[n].replicas for n in serving):
+            if serving:
+                raise ValueError(f"no worker can answer requests: {', '.join(serving)} "
+                                 f"{'has' if len(serving) == 1 else 'have'} replicas: 0")
+            raise ValueError("no worker can answer requests: prefill workers need a group with role decode")
         return self
 
     @model_validator(mode="after")

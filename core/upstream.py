@@ -130,6 +130,7 @@ class _Connection(asyncio.Protocol):
         self.idle_since = 0.0
         self.reused = False
         self.movable = False  # the caller may send this request elsewhere until the worker answers
+        self.migratable = False  # ... and even after, if it falls silent: it can continue elsewhere
         self._reading_paused = False
         self._reset()
 
@@ -344,6 +345,7 @@ class _Connection(asyncio.Protocol):
 
     def resume_reading(self) -> None:
         if self.transport is not None and self._reading_paused:
+            self.last_read = time.monotonic()  # the pause was the client's, not the worker's silence
             self._reading_paused = False
             self.transport.resume_reading()
 
@@ -396,11 +398,12 @@ class UpstreamPool:
         return target
 
     async def request(self, base_url: str, path: str, body: bytes, headers: dict[str, str] | None = None,
-                      method: str = "POST", movable: bool = False) -> UpstreamResponse:
+                      method: str = "POST", movable: bool = False, migratable: bool = False) -> UpstreamResponse:
         """Send one request; return once the status line and headers are in.
 
         Raises UpstreamError when the worker cannot be reached or closes before answering.
-        ``movable``: :meth:`abort_unanswered` may give up on it while the worker has not answered.
+        ``movable``: :meth:`abort_stuck` may give up on it while the worker has not answered;
+        ``migratable``: also once answered, if it falls silent (a stream that can continue elsewhere).
         """
         host, port, host_line = self._target(base_url)
         extra = "".join(f"{k}: {v}\r\n" for k, v in headers.items()) if headers else ""
@@ -408,7 +411,7 @@ class UpstreamPool:
                             f"Content-Length: {len(body)}\r\n{extra}\r\n".encode("latin-1"), body))
         for attempt in range(_REUSE_RETRIES + 1):
             conn = await self._get(base_url, host, port)
-            conn.movable = movable
+            conn.movable, conn.migratable = movable, migratable
             self._busy.setdefault(base_url, set()).add(conn)
             try:
                 return await conn.send(request)
@@ -452,18 +455,18 @@ class UpstreamPool:
         self._idle.setdefault(conn.key, []).append(conn)
 
     def abort_stuck(self, base_url: str, reason: str, stalled_after: float) -> int:
-        """Give up on the movable requests to ``base_url`` that are stuck: not answered at all (no
-        status line yet), or answered but silent for ``stalled_after`` seconds (a frozen worker's
-        streams; a working one sends tokens every few ms). Each fails with
+        """Give up on the requests to ``base_url`` that are stuck: movable ones not answered at all
+        (no status line yet), and migratable ones silent for ``stalled_after`` seconds (a frozen
+        worker's streams; a working one sends tokens every few ms). Each fails with
         :class:`UpstreamAborted`, so its caller can move it (a stream continues from the text
-        sent), and its connection closes. Requests still receiving are left to finish, and
-        requests that are not movable (unary: the answer comes whole at the end) are never
-        touched. Returns how many."""
+        sent), and its connection closes. Requests still receiving, or paused by a slow client,
+        are left to finish; requests that are not movable (unary: the answer comes whole at the
+        end) are never touched. Returns how many."""
         aborted = 0
         silent_since = time.monotonic() - stalled_after
         for conn in list(self._busy.get(base_url, ())):
-            if conn.movable and conn._error is None and not conn._complete and (
-                    conn._head is not None or conn.last_read <= silent_since):
+            if conn.movable and conn._error is None and not conn._complete and (conn._head is not None or (
+                    conn.migratable and not conn._reading_paused and conn.last_read <= silent_since)):
                 conn._fail(UpstreamAborted(reason))
                 conn.abort()
                 aborted += 1

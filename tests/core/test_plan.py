@@ -212,8 +212,9 @@ def test_set_on_a_misspelt_worker_group_is_an_error_not_a_new_group():
 
 
 @pytest.mark.parametrize("workers, expected", [
-    ("  p: {role: prefill}\n", "prefill workers (p) need a group with role decode"),
-    ("  w: {replicas: 0}\n", "every group has replicas: 0"),
+    ("  p: {role: prefill}\n", "prefill workers need a group with role decode"),
+    ("  w: {replicas: 0}\n", "w has replicas: 0"),
+    ("  p: {role: prefill}\n  d: {role: decode, replicas: 0}\n", "d has replicas: 0"),
 ])
 def test_a_profile_where_nothing_can_answer_is_refused(workers, expected):
     with pytest.raises(Exception, match=re.escape(expected)):

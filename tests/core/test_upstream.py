@@ -179,9 +179,12 @@ def test_giving_up_on_a_worker_fails_only_its_stuck_movable_requests():
             waiting = [asyncio.ensure_future(pool.request(urls[0], "/v1/completions", b"{}", movable=True))
                        for _ in range(3)]
             unary = asyncio.ensure_future(pool.request(urls[0], "/v1/completions", b"{}"))  # not movable
-            flowing = await pool.request(urls[1], "/v1/completions", b"{}", movable=True)
+            flowing = await pool.request(urls[1], "/v1/completions", b"{}", movable=True, migratable=True)
             sink = Sink()
             flowing.stream(sink)
+            final = await pool.request(urls[1], "/v1/completions", b"{}", movable=True)  # cannot continue elsewhere
+            kept = Sink()
+            final.stream(kept)
             await asyncio.sleep(0.1)
             assert not any(w.done() for w in (*waiting, unary))
             assert pool.abort_stuck(urls[0], "left rotation", stalled_after=1.0) == 3
@@ -191,9 +194,12 @@ def test_giving_up_on_a_worker_fails_only_its_stuck_movable_requests():
                     await asyncio.wait_for(w, 1)
             await asyncio.sleep(0.05)
             assert sink.pieces == [b"hello"] and not sink.done.done() and not unary.done()
-            # the stream has been silent longer than 0.1 s: stuck, it fails (its caller migrates it)
+            # the stream has been silent longer than 0.1 s: stuck, it fails (its caller migrates it); the
+            # one that could not continue elsewhere is left to its worker
             assert pool.abort_stuck(urls[1], "left rotation", stalled_after=0.1) == 1
             assert isinstance(await asyncio.wait_for(sink.done, 1), UpstreamAborted)
+            assert not kept.done.done()
+            final.close()
             unary.cancel()
             flowing.close()
         finally:

@@ -56,13 +56,15 @@ async def watched(url: str) -> tuple[DiscoveryPublisher, DiscoveryWatcher]:
     return publisher, watcher
 
 
-async def present_throughout(watcher: DiscoveryWatcher, seconds: float) -> bool:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
+async def present_throughout(watcher: DiscoveryWatcher, seconds: float) -> str:
+    """'' if the entry stayed listed all along, else when it went missing (for the failure message)."""
+    started = time.monotonic()
+    while time.monotonic() - started < seconds:
         if "ns.w0" not in watcher.instances:
-            return False
+            return (f"dropped after {time.monotonic() - started:.1f}s (reconnects {watcher.nc.stats.get('reconnects')},"
+                    f" connected {watcher.nc.is_connected})")
         await asyncio.sleep(0.1)
-    return True
+    return ""
 
 
 def test_a_frozen_or_restarted_nats_does_not_empty_the_worker_list(nats_server):
@@ -72,18 +74,18 @@ def test_a_frozen_or_restarted_nats_does_not_empty_the_worker_list(nats_server):
         publisher, watcher = await watched(url)
         try:
             os.kill(procs[0].pid, signal.SIGSTOP)  # NATS frozen for 2 and a half: nothing is heard, nothing is known
-            assert await present_throughout(watcher, 2.5 * TTL)
+            assert not (gone := await present_throughout(watcher, 2.5 * TTL)), f"NATS frozen: {gone}"
             os.kill(procs[0].pid, signal.SIGCONT)
             procs[0].kill()  # NATS restarted: the watch takes several seconds to recover
             procs[0].wait(10)
             start()
-            assert await present_throughout(watcher, 3 * TTL)
+            assert not (gone := await present_throughout(watcher, 3 * TTL)), f"NATS restarted: {gone}"
             # the node dies (nobody refreshes, nobody deletes): the bucket says so and the entry goes
             publisher._task.cancel()
             deadline = time.monotonic() + 8 * TTL
             while "ns.w0" in watcher.instances and time.monotonic() < deadline:
                 await asyncio.sleep(0.1)
-            assert "ns.w0" not in watcher.instances
+            assert "ns.w0" not in watcher.instances, f"a dead node's entry stayed (NATS up: {procs[-1].poll() is None})"
         finally:
             await watcher.close()
             await watcher.nc.close()
