@@ -49,6 +49,7 @@ class ProbeSpec(BaseModel):
     warmup_url: str | None = None
     warmup_body: dict[str, Any] | None = None
     live_url: str | None = None  # after readiness, health is checked here instead of at url
+    greeting: str | None = None  # tcp: what the server says first; a frozen one accepts (in the kernel) but is silent
     initial_delay: float
     period: float
     timeout: float
@@ -61,6 +62,8 @@ class ProbeSpec(BaseModel):
 
     def describe(self) -> str:
         target = {"http": f"GET {self.url}", "tcp": f"tcp {self.host}:{self.port}", "log": f"log /{self.pattern}/"}[self.kind]
+        if self.greeting:
+            target += f" answering {self.greeting.strip()!r}"
         if self.warmup_url:
             target += f", then POST {self.warmup_url}"
         if self.live_url:
@@ -301,7 +304,8 @@ def build_plan(
             name="nats", kind="nats", group="nats", node=_node_of(profile, "nats"),
             argv=nats_server_argv(binary, nats_host, nats_port, f"{RUN_DIR}/nats", profile.nats.token),
             host=nats_host, ports={"client": nats_port},
-            readiness_probe=_probe(ReadinessProbe(), ReadinessProbe(tcp_socket=True, period=0.05), nats_host, nats_port, _NATS_STARTUP),
+            readiness_probe=_probe(ReadinessProbe(), ReadinessProbe(tcp_socket=True, period=0.05), nats_host, nats_port,
+                                   _NATS_STARTUP).model_copy(update={"greeting": "INFO "}),
             restart=restart, grace_period=5.0,
         ))
     else:

@@ -44,16 +44,24 @@ class Prober:
         return self._session
 
     async def _tcp(self, probe: ProbeSpec) -> bool:
+        """The port accepts a connection and, with ``greeting``, the server says it within the timeout."""
         try:
-            _, writer = await asyncio.wait_for(asyncio.open_connection(probe.host, probe.port), probe.timeout)
+            reader, writer = await asyncio.wait_for(asyncio.open_connection(probe.host, probe.port), probe.timeout)
         except (OSError, asyncio.TimeoutError):
             return False
-        writer.close()
         try:
-            await writer.wait_closed()
-        except OSError:
-            pass
-        return True
+            if probe.greeting:
+                first = await asyncio.wait_for(reader.readexactly(len(probe.greeting)), probe.timeout)
+                return first == probe.greeting.encode()
+            return True
+        except (OSError, asyncio.TimeoutError, asyncio.IncompleteReadError):
+            return False
+        finally:
+            writer.close()
+            try:
+                await writer.wait_closed()
+            except OSError:
+                pass
 
     async def _http(self, probe: ProbeSpec, url: str | None) -> bool:
         try:

@@ -297,3 +297,22 @@ def test_ctrl_c_with_nats_frozen_stops_promptly_and_says_how_long_it_took(tmp_pa
     stopped = next(e for e in run.events() if e["event"] == "stopped" and e["process"] == "dynamo")
     assert stopped["seconds_to_stop"] >= min(took, 2.0) - 0.5  # the time reported includes the discovery wait
     assert marked(run.marker) == []
+
+
+def test_a_frozen_nats_is_noticed_and_restarted_and_serving_goes_on(tmp_path, serve):
+    run = serve(fake_profile(tmp_path, replicas=1))
+    state = run.wait_ready()
+    frozen = state["processes"]["nats"]["pid"]
+    os.kill(frozen, signal.SIGSTOP)  # its port still accepts connections (the kernel does that), but it is silent
+    try:
+        run.wait_for(lambda: run.state()["processes"]["nats"]["pid"] not in (frozen, None)
+                     and run.state()["processes"]["nats"]["status"] == "ready", 40, "nats restarted")
+    finally:
+        try:
+            os.kill(frozen, signal.SIGCONT)
+        except ProcessLookupError:
+            pass
+    assert [e for e in run.events() if e["process"] == "nats" and e["event"] == "unhealthy"]
+    reply = httpx.post(state["endpoint"] + "/v1/chat/completions", timeout=10,
+                       json={"model": "fake", "messages": [{"role": "user", "content": "hi"}]})
+    assert reply.status_code == 200  # the worker stayed in discovery through the NATS restart
