@@ -50,6 +50,7 @@ class ProbeSpec(BaseModel):
     warmup_body: dict[str, Any] | None = None
     live_url: str | None = None  # after readiness, health is checked here instead of at url
     greeting: str | None = None  # tcp: what the server says first; a frozen one accepts (in the kernel) but is silent
+    live_subject: str | None = None  # once ready, health is a NATS request here (a process without a port)
     initial_delay: float
     period: float
     timeout: float
@@ -68,6 +69,8 @@ class ProbeSpec(BaseModel):
             target += f", then POST {self.warmup_url}"
         if self.live_url:
             target += f"; once ready, GET {self.live_url}"
+        if self.live_subject:
+            target += f"; once ready, a NATS request to {self.live_subject}"
         return f"{target} every {self.period:g}s (timeout {self.timeout:g}s, give up after {self.startup_timeout:g}s)"
 
 
@@ -321,11 +324,14 @@ def build_plan(
     if router.mode == "kv" and not embedded_router:
         argv = [sys.executable, "-m", "dynamo.core.router", "--nats-url", nats_url, "--namespace", namespace,
                 "--block-size", str(profile.model.block_size), *router_flags]
+        router_probe = _probe(router.readiness_probe, ReadinessProbe(log_line=r"^router ready", period=0.05),
+                              "127.0.0.1", None, _FRONTEND_STARTUP)
+        if router_probe.kind == "log":  # no port to check: once ready, it must answer its stats subject
+            router_probe = router_probe.model_copy(update={"live_subject": f"{namespace}.router.stats"})
         processes.append(ProcessSpec(
             name="router", kind="router", group="router", node=_node_of(profile, "router"), argv=argv,
             env=dict(profile.env),
-            readiness_probe=_probe(router.readiness_probe, ReadinessProbe(log_line=r"^router ready", period=0.05),
-                                   "127.0.0.1", None, _FRONTEND_STARTUP),
+            readiness_probe=router_probe,
             depends_on=list(infra), restart=profile.restart_for(router.restart), grace_period=5.0,
         ))
         infra = infra + ["router"]

@@ -21,9 +21,11 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
 
+from nats.errors import NoRespondersError
+
 from dynamo.core import proctree
 from dynamo.core.discovery import DEFAULT_TTL, DiscoveryPublisher, instance_key
-from dynamo.core.plan import Plan, ProcessSpec, RUN_DIR, STAGES
+from dynamo.core.plan import Plan, ProbeSpec, ProcessSpec, RUN_DIR, STAGES
 from dynamo.core.ports import listener_pids, port_holder
 from dynamo.core.printer import Printer
 from dynamo.core.probes import Prober
@@ -363,9 +365,10 @@ class Supervisor:
         while not self.stop_requested:
             if await self._exited_within(comp, period):
                 return "exited"
-            if probe.kind == "log" or self.stop_requested:
+            if (probe.kind == "log" and not probe.live_subject) or self.stop_requested:
                 continue
-            if await self.prober.check(probe, comp.log_matched, live=True):
+            if await (self._answers_on_nats(probe) if probe.live_subject
+                      else self.prober.check(probe, comp.log_matched, live=True)):
                 if misses:
                     comp.status = "ready"
                     await self._register(comp)
@@ -380,6 +383,21 @@ class Supervisor:
                 if misses >= probe.failure_threshold:
                     return "unhealthy"
         return "stopped"
+
+    async def _answers_on_nats(self, probe: ProbeSpec) -> bool:
+        """Whether the process answers a NATS request to its ``live_subject`` in time; no verdict
+        against it (True) while NATS itself cannot be asked."""
+        nc = self.discovery.nc if self.discovery is not None else None
+        nats_ready = all(c.status == "ready" for c in self.components if c.spec.kind == "nats")
+        if nc is None or not nc.is_connected or not nats_ready:
+            return True
+        try:
+            await nc.request(probe.live_subject, b"", timeout=probe.timeout)
+            return True
+        except (asyncio.TimeoutError, NoRespondersError):
+            return False
+        except Exception:  # NATS trouble: not the process's fault
+            return True
 
     async def _exited_within(self, comp: Component, seconds: float) -> bool:
         try:

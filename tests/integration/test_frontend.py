@@ -440,3 +440,22 @@ def test_streams_of_a_frozen_worker_move_once_it_leaves_rotation(tmp_path, serve
         assert metric(state["endpoint"], "dynamo_frontend_migrations_total") >= 1
     finally:
         os.kill(frozen, signal.SIGCONT)
+
+
+def test_a_frozen_router_is_noticed_and_restarted(tmp_path, serve):
+    profile = mocker_profile(tmp_path, router="kv", workers="""\
+        w: {replicas: 1, args: {speedup-ratio: 0}}
+        """)
+    run = serve(profile)
+    state = run.wait_ready(60)
+    frozen = state["processes"]["router"]["pid"]
+    os.kill(frozen, signal.SIGSTOP)  # alive, quiet: no port to probe, but it no longer answers on NATS
+    try:
+        run.wait_for(lambda: run.state()["processes"]["router"]["pid"] not in (frozen, None)
+                     and run.state()["processes"]["router"]["status"] == "ready", 45, "the router restarted")
+    finally:
+        try:
+            os.kill(frozen, signal.SIGCONT)
+        except ProcessLookupError:
+            pass
+    assert client(state).completions.create(model=MODEL, prompt="routed again", max_tokens=2).choices[0].text
