@@ -247,12 +247,9 @@ class DiscoveryWatcher:
             if entry.operation in ("DEL", "PURGE") or not entry.value:
                 changed = self.instances.pop(entry.key, None) is not None
             else:
-                try:
-                    data = json.loads(entry.value)
-                except ValueError:
-                    continue
-                if time.time() - data.get("ts", time.time()) > self.ttl:
-                    continue  # a stale entry left by a dead node
+                data = self._fresh(entry.value)
+                if data is None:
+                    continue  # unreadable, or a stale entry left by a dead node
                 changed = _replaced(self.instances.get(entry.key), data)
                 self.instances[entry.key] = Instance(entry.key, data)
             if changed and self.on_change:
@@ -291,12 +288,16 @@ class DiscoveryWatcher:
             return {}
         except Exception:  # no connection, timeout, NATS restarting
             return None
+        return self._fresh(entry.value) or {}
+
+    def _fresh(self, value: bytes | None) -> dict[str, Any] | None:
+        """An entry's data if it is readable and was refreshed within ``ttl``."""
         try:
-            data = json.loads(entry.value or b"")
+            data = json.loads(value or b"")
         except ValueError:
-            return {}
-        if not isinstance(data, dict) or time.time() - data.get("ts", 0) > self.ttl:
-            return {}
+            return None
+        if not isinstance(data, dict) or time.time() - data.get("ts", time.time()) > self.ttl:
+            return None
         return data
 
     async def close(self) -> None:

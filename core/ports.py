@@ -96,17 +96,22 @@ def port_holder(port: int) -> str | None:
         return None
     for conn in connections:
         if conn.laddr and conn.laddr.port == port and conn.status in (psutil.CONN_LISTEN, psutil.CONN_NONE):
-            if conn.pid is None:
-                return "another user's process"
-            try:
-                proc = psutil.Process(conn.pid)
-                cmd = " ".join(" ".join(proc.cmdline()).split()) or proc.name()  # one line, whatever the argv holds
-            except psutil.Error:
-                cmd = "?"
-            if len(cmd) > 80:
-                cmd = cmd[:77] + "..."
-            return f"pid {conn.pid} ({cmd})"
+            return describe_process(conn.pid)
     return None
+
+
+def describe_process(pid: int | None) -> str:
+    """``pid 123 (nats-server -p 4222)`` on one line; None is another user's process."""
+    if pid is None:
+        return "another user's process"
+    try:
+        proc = psutil.Process(pid)
+        cmd = " ".join(" ".join(proc.cmdline()).split()) or proc.name()  # one line, whatever the argv holds
+    except psutil.Error:
+        cmd = "?"
+    if len(cmd) > 80:
+        cmd = cmd[:77] + "..."
+    return f"pid {pid} ({cmd})"
 
 
 def busy_ports(claims: list[PortClaim]) -> list[str]:

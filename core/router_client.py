@@ -60,7 +60,9 @@ class NatsRouterClient:
         if time.monotonic() < self.quiet_until or (self.doubted and self.probing):
             return None
         payload = _encode({"request_id": request_id, "hashes": hashes, "pool": pool, "account": account})
-        probe, self.probing = self.doubted, self.probing or self.doubted
+        probe = self.doubted  # this request finds out whether the router answers again
+        if probe:
+            self.probing = True
         try:
             msg = await self.nc.request(self.route_subject, payload, timeout=timeout)
             decision = _decode(msg.data)

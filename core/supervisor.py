@@ -26,7 +26,7 @@ from nats.errors import NoRespondersError
 from dynamo.core import proctree
 from dynamo.core.discovery import DEFAULT_TTL, DiscoveryPublisher, instance_key
 from dynamo.core.plan import Plan, ProbeSpec, ProcessSpec, RUN_DIR, STAGES
-from dynamo.core.ports import listener_pids, port_holder
+from dynamo.core.ports import describe_process, listener_pids
 from dynamo.core.printer import Printer
 from dynamo.core.probes import Prober
 from dynamo.core.restart import backoff_delay, wants_restart
@@ -349,13 +349,12 @@ class Supervisor:
             return None
         listeners = await asyncio.to_thread(listener_pids, port)
         listeners.discard(None)  # another user's process (a container's port proxy, say): cannot tell
-        if not listeners:
+        if not listeners or comp.pid in listeners:
             return None
-        ours = {comp.pid, *await asyncio.to_thread(proctree.marked_processes, self.run.marker)}
-        if listeners & ours:
-            return None
-        holder = await asyncio.to_thread(port_holder, port)
-        return f"found port {port} held by {holder or 'another process'}, not by itself (another program or run uses it)"
+        if listeners & set(await asyncio.to_thread(proctree.marked_processes, self.run.marker)):
+            return None  # a descendant of this run serves it
+        holder = describe_process(min(listeners))
+        return f"found port {port} held by {holder}, not by itself (another program or run uses it)"
 
     async def _watch(self, comp: Component) -> str:
         """After readiness: wait for exit, probing health; ``failure_threshold`` misses in a row → unhealthy."""

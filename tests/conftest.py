@@ -87,6 +87,21 @@ class Run:
     def text(self) -> str:
         return self.output.read_text(errors="replace")
 
+    def freeze_until_replaced(self, name: str, timeout: float) -> int:
+        """SIGSTOP process ``name`` (alive but silent) and wait until the supervisor has a new one
+        ready in its place; the frozen one is resumed (or found gone) in any case. Its pid."""
+        frozen = self.state()["processes"][name]["pid"]
+        os.kill(frozen, signal.SIGSTOP)
+        try:
+            self.wait_for(lambda: self.state()["processes"][name]["pid"] not in (frozen, None)
+                          and self.state()["processes"][name]["status"] == "ready", timeout, f"{name} replaced")
+        finally:
+            try:
+                os.kill(frozen, signal.SIGCONT)
+            except ProcessLookupError:
+                pass
+        return frozen
+
     def wait_for(self, predicate, timeout: float = 30, what: str = "condition") -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
