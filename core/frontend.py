@@ -32,6 +32,7 @@ from dynamo.core.disagg import PROTOCOLS, EarlyFinish, strip_foreign
 from dynamo.core.discovery import DEFAULT_TTL, DiscoveryWatcher, Instance, connect
 from dynamo.core.hashing import chain_block_hashes
 from dynamo.core.metrics import Counter, Gauge, Histogram, MetricSet
+from dynamo.core.nats_server import NATS_URL_ENV
 from dynamo.core.upstream import UpstreamError, UpstreamPool, UpstreamResponse
 from dynamo.core.text import quantity
 
@@ -1035,7 +1036,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m dynamo.core.frontend", description=__doc__.split("\n")[0])
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, required=True)
-    parser.add_argument("--nats-url", required=True)
+    parser.add_argument("--nats-url", default=os.environ.get(NATS_URL_ENV), required=not os.environ.get(NATS_URL_ENV),
+                        help=f"NATS server URL (default: ${NATS_URL_ENV}, which keeps a token off the command line)")
     parser.add_argument("--namespace", required=True)
     parser.add_argument("--model", default=None, help="The served model name; other names get 404.")
     parser.add_argument("--model-path", default=None,

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 import sys
 from pathlib import Path
+
+NATS_URL_ENV = "DYNAMO_NATS_URL"  # where the frontend and router take a URL with credentials from
 
 
 def nats_server_binary() -> str | None:
@@ -15,9 +18,19 @@ def nats_server_binary() -> str | None:
     return shutil.which("nats-server")
 
 
-def nats_server_argv(binary: str, host: str, port: int, store_dir: str, token: str | None) -> list[str]:
-    """JetStream on, storage in the run directory, listening only where the profile says."""
+def nats_server_argv(binary: str, host: str, port: int, store_dir: str, config: str | None = None) -> list[str]:
+    """JetStream on, storage in the run directory, listening only where the profile says.
+
+    ``config``: a config file (:func:`nats_server_config`) for what must not appear on the
+    command line, which every local user can read (``ps``): the token.
+    """
     argv = [binary, "-a", host, "-p", str(port), "-js", "-sd", store_dir, "-n", "dynamo"]
-    if token:
-        argv += ["--auth", token]
+    if config:
+        argv += ["-c", config]
     return argv
+
+
+def nats_server_config(token: str) -> str:
+    """A config file requiring ``token``. nats-server reads JSON; of JSON's escapes it knows only
+    ``\\"``, ``\\\\`` and the control ones, so non-ASCII characters are written as they are."""
+    return json.dumps({"authorization": {"token": token}}, ensure_ascii=False) + "\n"

@@ -7,6 +7,7 @@ and what it depends on. ``{run_dir}`` in argv and env is filled in by the superv
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -20,7 +21,7 @@ from dynamo.backends.base import WorkerContext, custom_launch, model_dir
 from dynamo.core.disagg import BACKEND_PROTOCOL
 from dynamo.core.errors import PlanError, UsageError
 from dynamo.core.gpus import GpuInventory
-from dynamo.core.nats_server import nats_server_argv, nats_server_binary
+from dynamo.core.nats_server import NATS_URL_ENV, nats_server_argv, nats_server_binary, nats_server_config
 from dynamo.core.ports import PortAllocator, PortClaim, busy_ports, is_loopback
 from dynamo.core.profile import LoadedProfile, Profile, ReadinessProbe, RestartPolicy
 from dynamo.core.text import quantity
@@ -36,6 +37,7 @@ _FRONTEND_STARTUP = 60.0
 
 SECRET_ENV = frozenset({"DYNAMO_API_KEY"})
 _CREDENTIALS = re.compile(r"(\w+://)[^@/\s]+@")  # nats://TOKEN@host
+_URL_SECRET = re.compile(r"\w+://(?:[^@/\s:]*:)?([^@/\s]+)@")  # the token, or the password of user:password
 
 
 class ProbeSpec(BaseModel):
@@ -131,12 +133,21 @@ class Plan(BaseModel):
     def redacted(self) -> Plan:
         """A copy fit to print: the API key, the NATS token and credentials in URLs become ``***``."""
         def argv(args: list[str]) -> list[str]:
-            out = [_CREDENTIALS.sub(r"\1***@", a) for a in args]
-            return [("***" if i and out[i - 1] == "--auth" else a) for i, a in enumerate(out)]
+            return [_CREDENTIALS.sub(r"\1***@", a) for a in args]
+
+        secrets = {m.group(1) for m in _URL_SECRET.finditer(self.nats_url)}
+        secrets |= {v for proc in self.processes for k, v in proc.env.items() if k in SECRET_ENV and v}
+        secrets |= {json.dumps(v, ensure_ascii=False)[1:-1] for v in secrets}  # as written in a JSON file
+
+        def content(text: str) -> str:
+            for secret in sorted(secrets, key=len, reverse=True):
+                text = text.replace(secret, "***")
+            return text
 
         processes = [proc.model_copy(update={
             "argv": argv(proc.argv),
             "env": {k: ("***" if k in SECRET_ENV else _CREDENTIALS.sub(r"\1***@", v)) for k, v in proc.env.items()},
+            "files": {path: content(text) for path, text in proc.files.items()},
         }) for proc in self.processes]
         return self.model_copy(update={"processes": processes, "nats_url": _CREDENTIALS.sub(r"\1***@", self.nats_url)})
 
@@ -303,9 +314,11 @@ def build_plan(
         auth = f"{profile.nats.token}@" if profile.nats.token else ""
         nats_url = f"nats://{auth}{nats_host}:{nats_port}"
         binary = nats_server_binary() or "nats-server"
+        config = f"{RUN_DIR}/nats.conf" if profile.nats.token else None
         processes.append(ProcessSpec(
             name="nats", kind="nats", group="nats", node=_node_of(profile, "nats"),
-            argv=nats_server_argv(binary, nats_host, nats_port, f"{RUN_DIR}/nats", profile.nats.token),
+            argv=nats_server_argv(binary, nats_host, nats_port, f"{RUN_DIR}/nats", config),
+            files={config: nats_server_config(profile.nats.token)} if config else {},
             host=nats_host, ports={"client": nats_port},
             readiness_probe=_probe(ReadinessProbe(), ReadinessProbe(tcp_socket=True, period=0.05), nats_host, nats_port,
                                    _NATS_STARTUP).model_copy(update={"greeting": "INFO "}),
@@ -314,6 +327,9 @@ def build_plan(
     else:
         nats_url = profile.nats.url or ""
     infra = ["nats"] if profile.nats.embedded else []
+    # A URL holding credentials goes in the environment: command lines are readable by every local user.
+    nats_args, nats_env = ((["--nats-url", nats_url], {}) if not _CREDENTIALS.match(nats_url)
+                           else ([], {NATS_URL_ENV: nats_url}))
 
     # Router: a process only for KV routing; the frontend does the simple modes itself.
     router = profile.router
@@ -322,7 +338,7 @@ def build_plan(
                     *([] if router.kv_events else ["--no-kv-events"])]
     embedded_router = router.mode == "kv" and router.placement == "frontend"
     if router.mode == "kv" and not embedded_router:
-        argv = [sys.executable, "-m", "dynamo.core.router", "--nats-url", nats_url, "--namespace", namespace,
+        argv = [sys.executable, "-m", "dynamo.core.router", *nats_args, "--namespace", namespace,
                 "--block-size", str(profile.model.block_size), *router_flags]
         router_probe = _probe(router.readiness_probe, ReadinessProbe(log_line=r"^router ready", period=0.05),
                               "127.0.0.1", None, _FRONTEND_STARTUP)
@@ -330,7 +346,7 @@ def build_plan(
             router_probe = router_probe.model_copy(update={"live_subject": f"{namespace}.router.stats"})
         processes.append(ProcessSpec(
             name="router", kind="router", group="router", node=_node_of(profile, "router"), argv=argv,
-            env=dict(profile.env),
+            env={**profile.env, **nats_env},
             readiness_probe=router_probe,
             depends_on=list(infra), restart=profile.restart_for(router.restart), grace_period=5.0,
         ))
@@ -398,7 +414,7 @@ def build_plan(
         argv=[
             sys.executable, "-m", "dynamo.core.frontend",
             "--host", fe_bind, "--port", str(fe_port),
-            "--nats-url", nats_url, "--namespace", namespace,
+            *nats_args, "--namespace", namespace,
             "--model", profile.model.name, "--router-mode", router.mode,
             "--block-size", str(profile.model.block_size), "--migration-limit", str(fe.migration_limit),
             "--max-body-mb", f"{fe.max_body_mb:g}",
@@ -410,7 +426,7 @@ def build_plan(
               if model_dir(profile) or profile.backend == "mocker" else []),
             *_flags(fe.args),
         ],
-        env={**profile.env, **fe.env, **({"DYNAMO_API_KEY": fe.api_key} if fe.api_key else {})},
+        env={**profile.env, **fe.env, **nats_env, **({"DYNAMO_API_KEY": fe.api_key} if fe.api_key else {})},
         host=fe_bind, ports={"http": fe_port}, url=endpoint,
         readiness_probe=_frontend_probe(_probe(fe.readiness_probe, ReadinessProbe(http_get={"path": "/health"},
                                                                                   period=0.1),

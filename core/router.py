@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import random
 import signal
 import struct
@@ -26,6 +27,7 @@ import zmq.asyncio
 
 from dynamo.core.discovery import DEFAULT_TTL, DiscoveryWatcher, Instance, connect
 from dynamo.core.kv_index import KvIndex
+from dynamo.core.nats_server import NATS_URL_ENV
 from dynamo.core.routing import WorkerLoad, kv_cost, pick_lowest
 
 _SEQ = struct.Struct(">Q")
@@ -336,7 +338,8 @@ async def serve(args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m dynamo.core.router", description=__doc__.split("\n")[0])
-    parser.add_argument("--nats-url", required=True)
+    parser.add_argument("--nats-url", default=os.environ.get(NATS_URL_ENV), required=not os.environ.get(NATS_URL_ENV),
+                        help=f"NATS server URL (default: ${NATS_URL_ENV}, which keeps a token off the command line)")
     parser.add_argument("--namespace", required=True)
     parser.add_argument("--block-size", type=int, default=16)
     parser.add_argument("--overlap-weight", type=float, default=1.0)

@@ -264,7 +264,8 @@ class Supervisor:
         for path, content in spec.files.items():
             target = path.replace(RUN_DIR, str(self.run.path))
             os.makedirs(os.path.dirname(target) or ".", exist_ok=True)
-            with open(target, "w") as fh:
+            # owner-only: a generated config may hold a secret (the NATS token)
+            with open(os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as fh:
                 fh.write(content.replace(RUN_DIR, str(self.run.path)))
         comp.exited.clear()
         comp.log_matched = False

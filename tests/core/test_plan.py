@@ -116,7 +116,10 @@ def test_dry_run_hides_the_api_key_and_the_nats_token(tmp_path):
         assert "***" in shown.stdout and "secret" not in shown.stdout
     plan = plan_of(profile.read_text().replace("${TOK}", "t0k").replace("${KEY}", "k3y"))
     assert plan.get("frontend").env["DYNAMO_API_KEY"] == "k3y"  # the processes still get them
-    assert "t0k" in plan.get("nats").argv and "t0k" not in plan.redacted().get("nats").argv
+    assert not any("t0k" in arg for proc in plan.processes for arg in proc.argv)  # ps shows argv to everyone
+    assert plan.get("frontend").env["DYNAMO_NATS_URL"].startswith("nats://t0k@")
+    assert "t0k" in "".join(plan.get("nats").files.values())
+    assert "t0k" not in plan.redacted().model_dump_json() and "k3y" not in plan.redacted().model_dump_json()
 
 
 def test_launcher_owned_flags_are_refused_with_the_key_to_use():

@@ -8,6 +8,7 @@ import signal
 import textwrap
 import threading
 import time
+from pathlib import Path
 
 import httpx
 import openai
@@ -450,3 +451,24 @@ def test_a_frozen_router_is_noticed_and_restarted(tmp_path, serve):
     state = run.wait_ready(60)
     run.freeze_until_replaced("router", 45)  # alive, quiet: no port to probe, but it no longer answers on NATS
     assert client(state).completions.create(model=MODEL, prompt="routed again", max_tokens=2).choices[0].text
+
+
+def test_the_nats_token_never_appears_on_a_command_line(tmp_path, serve):
+    import json
+    import stat
+
+    import psutil
+
+    token = "tok-4f9e-never-in-ps"
+    profile = Path(mocker_profile(tmp_path, router="kv", workers="w: {replicas: 1, args: {speedup-ratio: 10}}\n"))
+    profile.write_text(profile.read_text().replace("nats: {port: 0}", f"nats: {{port: 0, token: {token}}}"))
+    run = serve(profile)
+    state = run.wait_ready(60)
+    reply = client(state).completions.create(model=MODEL, prompt="hello there", max_tokens=2)
+    assert reply.usage.completion_tokens == 2
+    plan = json.loads((run.dir / "plan.json").read_text())
+    assert router_stats(plan)["decisions"] == 1  # the router reached NATS with the token
+    for name, proc in state["processes"].items():
+        assert token not in " ".join(psutil.Process(proc["pid"]).cmdline()), name
+    config = run.dir / "nats.conf"
+    assert stat.S_IMODE(config.stat().st_mode) == 0o600 and token in config.read_text()
