@@ -161,7 +161,10 @@ class FrontendSpec(Strict):
 
 class RouterSpec(Strict):
     mode: Literal["round_robin", "random", "least_loaded", "kv"] = "round_robin"
-    overlap_weight: float = Field(1.0, ge=0.0, description="KV cost = overlap_weight × prefill blocks + decode blocks.")
+    overlap_weight: float = Field(
+        16.0, ge=0.0, description="KV cost = overlap_weight × prefill blocks + decode blocks. Higher keeps prefixes "
+        "where they are cached; a busy holder still sheds load once its active requests' blocks exceed another "
+        "worker's by about overlap_weight × the prefix's blocks (NVIDIA Dynamo defaults to 1).")
     temperature: float = Field(0.0, ge=0.0, description="0 picks the lowest cost; > 0 samples by softmax.")
     placement: Literal["process", "frontend"] = Field(
         "process", description="kv mode: run the router as its own process (asked over NATS) or inside the "
@@ -426,6 +429,9 @@ def _nearest(word: str, choices) -> str:
     return f"; did you mean {match[0]!r}?" if match else ""
 
 
+_NAMED_SECTIONS = {"workers": ("worker group", "groups"), "nodes": ("node", "nodes")}
+
+
 def apply_override(data: dict, assignment: str, sources: SourceMap) -> None:
     """Apply one ``key.path=value`` to the plain profile data."""
     if "=" not in assignment:
@@ -434,10 +440,11 @@ def apply_override(data: dict, assignment: str, sources: SourceMap) -> None:
     parts = [p for p in key.strip().split(".")]
     if not all(parts):
         raise ProfileError([f"--set {assignment}: empty key in {key!r}"])
-    groups = data.get("workers")
-    if parts[0] == "workers" and len(parts) > 2 and isinstance(groups, dict) and parts[1] not in groups:
-        raise ProfileError([f"--set {assignment}: the profile has no worker group {parts[1]!r}"
-                            f"{_nearest(parts[1], groups)} (groups: {', '.join(groups) or 'none'})"])
+    named = data.get(parts[0])  # a misspelt worker group or node would silently become a new one
+    if parts[0] in _NAMED_SECTIONS and len(parts) > 2 and isinstance(named, dict) and parts[1] not in named:
+        what, plural = _NAMED_SECTIONS[parts[0]]
+        raise ProfileError([f"--set {assignment}: the profile has no {what} {parts[1]!r}"
+                            f"{_nearest(parts[1], named)} ({plural}: {', '.join(named) or 'none'})"])
     target = data
     for part in parts[:-1]:
         existing = target.get(part)

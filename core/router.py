@@ -257,13 +257,12 @@ class Router:
         for w in candidates:
             load, overlap = self.loads[w.key], overlaps.get(w.key, 0)
             costs[w.key] = kv_cost(request_blocks, overlap, load.active_blocks, self.overlap_weight,
-                                   load.queued_prefill_blocks(hashes, overlap, self.step_blocks),
-                                   load.already_active(hashes))
+                                   load.queued_prefill_blocks(hashes, overlap, self.step_blocks))
         chosen = pick_lowest(costs, self.temperature, self.rng, overlaps)
         overlap = overlaps.get(chosen, 0)
         if not account:
             return {"worker": chosen, "url": self.workers[chosen].url, "overlap": overlap, "cost": costs[chosen]}
-        self.loads[chosen].add(request_id, hashes, request_blocks - overlap, hashes[overlap:])
+        self.loads[chosen].add(request_id, request_blocks, request_blocks - overlap, hashes[overlap:])
         self.owner[request_id] = chosen
         # Without events the prediction is all we know; with events it bridges until they arrive.
         self.index.predict(chosen, hashes, self.approx_ttl if chosen not in self.feeds else self.pending_ttl)

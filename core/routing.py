@@ -3,10 +3,12 @@
 NVIDIA Dynamo's KV cost: ``overlap_weight × prefill_blocks + decode_blocks`` where
 ``prefill_blocks`` are the request's blocks the worker does not hold yet plus the blocks
 the worker still has to prefill for requests already routed to it, and
-``decode_blocks`` are the worker's active blocks, each counted once however many active
-requests share it (as Dynamo's ActiveSequences does), plus the request's blocks not among
-them. The lowest cost wins;
-with a temperature > 0 the pick is sampled by softmax over the costs normalised to [0, 1].
+``decode_blocks`` are the blocks of every active request there plus the request's own. A
+prefix shared by several active requests counts once per request (Dynamo's ActiveSequences
+counts it once): each decode step reads every sequence's KV, and counting it once let one
+hot system prompt pull every request onto its holder (docs/decisions/router-decode-load.md).
+The lowest cost wins; with a temperature > 0 the pick is sampled by softmax over the costs
+normalised to [0, 1].
 """
 
 from __future__ import annotations
@@ -21,45 +23,25 @@ from typing import Mapping, Sequence
 class WorkerLoad:
     """What the router knows of a worker's current work (from its own decisions and the frontend).
 
-    Active blocks are counted once however many active requests share them (``block_refs``):
-    sixteen requests on one system prompt hold its blocks once, not sixteen times. For
-    requests that have not produced their first token it also keeps the block hashes they are
+    ``active_blocks`` sums the blocks of every active request, shared or not. For requests
+    that have not produced their first token it also keeps the block hashes they are
     prefilling (``pending``): a later request sharing that prefix is not charged for the
     queue that computes its own prefix (:meth:`queued_prefill_blocks`).
     """
 
     active_requests: int = 0
+    active_blocks: int = 0
     prefill_blocks: int = 0
-    requests: dict[str, tuple[tuple[int, ...], int, tuple[int, ...]]] = field(default_factory=dict)
+    requests: dict[str, tuple[int, int, tuple[int, ...]]] = field(default_factory=dict)
     # ^ id -> (its blocks, blocks it prefills, their hashes)
-    block_refs: dict[int, int] = field(default_factory=dict)  # active block -> active requests holding it
     pending: dict[int, int] = field(default_factory=dict)  # hash being prefilled -> requests prefilling it
 
-    @property
-    def active_blocks(self) -> int:
-        return len(self.block_refs)
-
-    def already_active(self, hashes: Sequence[int]) -> int:
-        """How many of ``hashes`` (a chained prefix) active requests here hold already.
-
-        Chained hashes name a whole prefix, so the held ones are a leading run: binary search.
-        """
-        refs = self.block_refs
-        low, high = 0, len(hashes) if refs else 0
-        while low < high:
-            mid = (low + high) // 2
-            if hashes[mid] in refs:
-                low = mid + 1
-            else:
-                high = mid
-        return low
-
-    def add(self, request_id: str, blocks: Sequence[int], prefill_blocks: int, prefill_hashes: Sequence[int] = ()) -> None:
-        """Count a request routed here: ``blocks`` its prompt's block hashes, of which it must
-        prefill ``prefill_blocks`` (``prefill_hashes``)."""
-        blocks, hashes = tuple(blocks), tuple(prefill_hashes)
+    def add(self, request_id: str, blocks: int, prefill_blocks: int, prefill_hashes: Sequence[int] = ()) -> None:
+        """Count a request routed here: ``blocks`` in its prompt, of which it must prefill
+        ``prefill_blocks`` (``prefill_hashes``)."""
+        hashes = tuple(prefill_hashes)
         self.requests[request_id] = (blocks, prefill_blocks, hashes)
-        _hold(self.block_refs, blocks)
+        self.active_blocks += blocks
         self.prefill_blocks += prefill_blocks
         self.active_requests += 1
         _hold(self.pending, hashes)
@@ -68,7 +50,7 @@ class WorkerLoad:
         _release(self.pending, hashes)
 
     def first_token(self, request_id: str) -> None:
-        blocks, prefill, hashes = self.requests.get(request_id, ((), 0, ()))
+        blocks, prefill, hashes = self.requests.get(request_id, (0, 0, ()))
         if prefill or hashes:
             self.prefill_blocks -= prefill
             self._prefilled(hashes)
@@ -78,7 +60,7 @@ class WorkerLoad:
         entry = self.requests.pop(request_id, None)
         if entry is not None:
             blocks, prefill, hashes = entry
-            _release(self.block_refs, blocks)
+            self.active_blocks -= blocks
             self.prefill_blocks -= prefill
             self.active_requests -= 1
             self._prefilled(hashes)
@@ -118,17 +100,16 @@ def _release(counts: dict[int, int], hashes: Sequence[int]) -> None:
 
 
 def kv_cost(request_blocks: int, overlap_blocks: int, active_blocks: int, overlap_weight: float,
-            queued_prefill_blocks: int = 0, already_active: int = 0) -> float:
+            queued_prefill_blocks: int = 0) -> float:
     """``overlap_weight × prefill_blocks + decode_blocks`` for one worker.
 
     ``prefill_blocks`` is what the worker must compute before this request's first token: the
     request's uncached blocks plus ``queued_prefill_blocks``, the uncached blocks of requests
     routed there that have not produced their first token yet (NVIDIA Dynamo's prefill load).
-    ``decode_blocks`` is the worker's active blocks plus the request's, less the
-    ``already_active`` ones that active requests there hold already (a shared prefix).
+    ``decode_blocks`` is the worker's active blocks plus the request's.
     """
     prefill_blocks = max(request_blocks - overlap_blocks, 0) + queued_prefill_blocks
-    return overlap_weight * prefill_blocks + active_blocks + request_blocks - already_active
+    return overlap_weight * prefill_blocks + active_blocks + request_blocks
 
 
 def pick_lowest(costs: dict[str, float], temperature: float, rng: random.Random,

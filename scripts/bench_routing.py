@@ -132,6 +132,7 @@ def serve(mode: str, args: argparse.Namespace, home: Path, weight: float,
          "--set", f"workers.decode.replicas={args.workers}", "--set", f"router.mode={mode}",
          "--set", f"workers.decode.args.num-gpu-blocks={args.blocks}",
          "--set", f"router.overlap_weight={weight}", "--set", f"router.placement={placement}",
+         *(["--set", f"router.step_tokens={args.step_tokens}"] if args.step_tokens is not None else []),
          "--set", "frontend.port=0", "--set", "nats.port=0", "--set", "ports.base=0", "--no-color"],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     return proc, wait_until_ready(run_dir, proc)
@@ -207,8 +208,11 @@ def main() -> None:
     parser.add_argument("--rate", type=float, default=0.0,
                         help="Open loop instead: Poisson arrivals at this many requests/s.")
     parser.add_argument("--tokens", type=int, default=16)
-    parser.add_argument("--overlap-weight", type=float, nargs="+", default=[1.0],
+    parser.add_argument("--overlap-weight", type=float, nargs="+", default=[16.0],
                         help="router.overlap_weight for kv; several values run kv once per value.")
+    parser.add_argument("--step-tokens", type=int, default=None,
+                        help="router.step_tokens for kv (default: the profile's, 8192; 0 charges a worker's whole "
+                             "prefill queue, as NVIDIA Dynamo does).")
     parser.add_argument("--modes", nargs="+", default=["kv", "round_robin", "random"])
     parser.add_argument("--placement", nargs="+", default=["process"], choices=["process", "frontend"],
                         help="router.placement for kv: its own process (asked over NATS) or inside the frontend.")

@@ -212,6 +212,9 @@ def test_set_on_a_misspelt_worker_group_is_an_error_not_a_new_group():
     shown = dynamo("serve", "agg", "--assume-gpus", "8", "--set", "workers.decod.replicas=4", "--dry-run")
     assert shown.returncode == 2
     assert "no worker group 'decod'; did you mean 'decode'?" in shown.stderr
+    shown = dynamo("serve", "multinode", "--backend", "mocker", "--set", "nodes.gpus.address=10.0.0.9", "--dry-run")
+    assert shown.returncode == 2
+    assert "no node 'gpus'; did you mean 'gpu'? (nodes: head, gpu)" in shown.stderr
 
 
 @pytest.mark.parametrize("workers, expected", [
