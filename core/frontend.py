@@ -33,6 +33,7 @@ from dynamo.core.discovery import DEFAULT_TTL, DiscoveryWatcher, Instance, conne
 from dynamo.core.hashing import chain_block_hashes
 from dynamo.core.metrics import Counter, Gauge, Histogram, MetricSet
 from dynamo.core.nats_server import NATS_URL_ENV
+from dynamo.core.routing import DEFAULT_OVERLAP_WEIGHT
 from dynamo.core.upstream import UpstreamError, UpstreamPool, UpstreamResponse
 from dynamo.core.text import quantity
 
@@ -1049,7 +1050,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--router-timeout", type=float, default=0.1, help="Seconds to wait for the KV router.")
     parser.add_argument("--router-embedded", action="store_true",
                         help="kv mode: run the KV router inside this process instead of asking the router process.")
-    parser.add_argument("--overlap-weight", type=float, default=1.0, help="Embedded router: KV cost weight.")
+    parser.add_argument("--overlap-weight", type=float, default=DEFAULT_OVERLAP_WEIGHT, help="Embedded router: KV cost weight.")
     parser.add_argument("--temperature", type=float, default=0.0, help="Embedded router: softmax temperature.")
     parser.add_argument("--approx-ttl", type=float, default=120.0, help="Embedded router: approximate-mode TTL.")
     parser.add_argument("--step-tokens", type=int, default=8192,

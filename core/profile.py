@@ -24,6 +24,7 @@ from ruamel.yaml.error import MarkedYAMLError
 
 from dynamo.core.durations import Duration
 from dynamo.core.errors import ProfileError
+from dynamo.core.routing import DEFAULT_OVERLAP_WEIGHT
 from dynamo.core.text import quantity
 
 SHIPPED_PROFILES_DIR = Path(__file__).resolve().parent.parent / "profiles"
@@ -162,7 +163,7 @@ class FrontendSpec(Strict):
 class RouterSpec(Strict):
     mode: Literal["round_robin", "random", "least_loaded", "kv"] = "round_robin"
     overlap_weight: float = Field(
-        16.0, ge=0.0, description="KV cost = overlap_weight × prefill blocks + decode blocks. Higher keeps prefixes "
+        DEFAULT_OVERLAP_WEIGHT, ge=0.0, description="KV cost = overlap_weight × prefill blocks + decode blocks. Higher keeps prefixes "
         "where they are cached; a busy holder still sheds load once its active requests' blocks exceed another "
         "worker's by about overlap_weight × the prefix's blocks (NVIDIA Dynamo defaults to 1).")
     temperature: float = Field(0.0, ge=0.0, description="0 picks the lowest cost; > 0 samples by softmax.")

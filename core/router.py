@@ -28,7 +28,7 @@ import zmq.asyncio
 from dynamo.core.discovery import DEFAULT_TTL, DiscoveryWatcher, Instance, connect
 from dynamo.core.kv_index import KvIndex
 from dynamo.core.nats_server import NATS_URL_ENV
-from dynamo.core.routing import WorkerLoad, kv_cost, pick_lowest
+from dynamo.core.routing import DEFAULT_OVERLAP_WEIGHT, WorkerLoad, kv_cost, pick_lowest
 
 _SEQ = struct.Struct(">Q")
 _END_OF_REPLAY = 0xFFFFFFFFFFFFFFFF
@@ -200,7 +200,7 @@ class HttpEventFeed:
 
 
 class Router:
-    def __init__(self, namespace: str, block_size: int, overlap_weight: float = 1.0, temperature: float = 0.0,
+    def __init__(self, namespace: str, block_size: int, overlap_weight: float = DEFAULT_OVERLAP_WEIGHT, temperature: float = 0.0,
                  use_events: bool = True, approx_ttl: float = 120.0, rng: random.Random | None = None,
                  step_tokens: int = 0):
         self.namespace = namespace
@@ -341,7 +341,7 @@ def main(argv: list[str] | None = None) -> None:
                         help=f"NATS server URL (default: ${NATS_URL_ENV}, which keeps a token off the command line)")
     parser.add_argument("--namespace", required=True)
     parser.add_argument("--block-size", type=int, default=16)
-    parser.add_argument("--overlap-weight", type=float, default=1.0)
+    parser.add_argument("--overlap-weight", type=float, default=DEFAULT_OVERLAP_WEIGHT)
     parser.add_argument("--temperature", type=float, default=0.0)
     parser.add_argument("--no-kv-events", action="store_true", help="Approximate mode for every worker.")
     parser.add_argument("--approx-ttl", type=float, default=120.0)

@@ -19,6 +19,9 @@ from dataclasses import dataclass, field
 from typing import Mapping, Sequence
 
 
+DEFAULT_OVERLAP_WEIGHT = 16.0  # NVIDIA Dynamo uses 1; why 16: docs/decisions/router-decode-load.md
+
+
 @dataclass
 class WorkerLoad:
     """What the router knows of a worker's current work (from its own decisions and the frontend).

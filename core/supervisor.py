@@ -265,7 +265,9 @@ class Supervisor:
             target = path.replace(RUN_DIR, str(self.run.path))
             os.makedirs(os.path.dirname(target) or ".", exist_ok=True)
             # owner-only: a generated config may hold a secret (the NATS token)
-            with open(os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as fh:
+            fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            os.fchmod(fd, 0o600)  # also when a reused run directory holds an older copy
+            with open(fd, "w") as fh:
                 fh.write(content.replace(RUN_DIR, str(self.run.path)))
         comp.exited.clear()
         comp.log_matched = False
