@@ -15,6 +15,7 @@ from rich.console import Console
 from rich.table import Table
 
 from dynamo.core import proctree
+from dynamo.core.check.net import redact
 from dynamo.core.durations import parse_duration
 from dynamo.core.errors import RunNotFound, UsageError
 from dynamo.core.printer import Printer
@@ -64,7 +65,8 @@ def ps(run: str | None, as_json: bool, all_runs: bool) -> None:
     chosen = resolve_run(run)
     state = chosen.read_state()
     if as_json:
-        typer.echo(json.dumps({**state, "status": _status(state), "path": str(chosen.path)}, indent=2))
+        shown = {**state, "nats_url": redact(state["nats_url"])} if state.get("nats_url") else state
+        typer.echo(json.dumps({**shown, "status": _status(state), "path": str(chosen.path)}, indent=2))
         return
     console.print(f"run [bold]{chosen.id}[/] {_status(state)}"
                   + (f"  endpoint {state['endpoint']}" if state.get("endpoint") else "")

@@ -791,8 +791,9 @@ class Frontend:
                 attempt.fell_back |= probe.fell_back
                 if decision:
                     worker = next((w for w in candidates if w.key == decision.get("worker")), None)
-                else:
-                    probe = None  # nothing accounted
+                else:  # the router may still count it when it gets to the question: released either way
+                    asyncio.ensure_future(self._router_event("finished", probe))
+                    probe = None
             worker = worker or self.picker.pick(candidates)
             tried.add(_incarnation(worker))
             prefill_body = self.protocol.prefill_body(attempt.body, worker.data, attempt.request_id)

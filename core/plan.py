@@ -327,9 +327,9 @@ def build_plan(
     else:
         nats_url = profile.nats.url or ""
     infra = ["nats"] if profile.nats.embedded else []
-    # A URL holding credentials goes in the environment: command lines are readable by every local user.
-    nats_args, nats_env = ((["--nats-url", nats_url], {}) if not _CREDENTIALS.match(nats_url)
-                           else ([], {NATS_URL_ENV: nats_url}))
+    # The URL goes in the environment, never on a command line (every local user can read those): it may
+    # hold a token or a password, in any of the forms nats-py accepts.
+    nats_env = {NATS_URL_ENV: nats_url} if nats_url else {}
 
     # Router: a process only for KV routing; the frontend does the simple modes itself.
     router = profile.router
@@ -338,7 +338,7 @@ def build_plan(
                     *([] if router.kv_events else ["--no-kv-events"])]
     embedded_router = router.mode == "kv" and router.placement == "frontend"
     if router.mode == "kv" and not embedded_router:
-        argv = [sys.executable, "-m", "dynamo.core.router", *nats_args, "--namespace", namespace,
+        argv = [sys.executable, "-m", "dynamo.core.router", "--namespace", namespace,
                 "--block-size", str(profile.model.block_size), *router_flags]
         router_probe = _probe(router.readiness_probe, ReadinessProbe(log_line=r"^router ready", period=0.05),
                               "127.0.0.1", None, _FRONTEND_STARTUP)
@@ -414,7 +414,7 @@ def build_plan(
         argv=[
             sys.executable, "-m", "dynamo.core.frontend",
             "--host", fe_bind, "--port", str(fe_port),
-            *nats_args, "--namespace", namespace,
+            "--namespace", namespace,
             "--model", profile.model.name, "--router-mode", router.mode,
             "--block-size", str(profile.model.block_size), "--migration-limit", str(fe.migration_limit),
             "--max-body-mb", f"{fe.max_body_mb:g}",

@@ -128,7 +128,18 @@ class NatsSpec(Strict):
     url: str | None = Field(None, description="External NATS; when set nothing is started.")
     host: str = "127.0.0.1"
     port: int = Field(4222, ge=0, le=65535, description="0 picks a free port.")
-    token: str | None = Field(None, description="Auth token (required when binding a non-loopback address).")
+    token: str | None = Field(
+        None, description="Auth token (required when binding a non-loopback address): letters, digits and "
+        ". _ ~ + = - (it travels in a nats:// URL; `openssl rand -hex 32` makes one).")
+
+    @field_validator("token")
+    @classmethod
+    def _url_safe(cls, value: str | None) -> str | None:
+        # other characters break the nats:// URL (: / @ ? #) or the config file; the value is not echoed
+        if value is not None and not re.fullmatch(r"[A-Za-z0-9._~+=-]+", value):
+            raise ValueError("may hold only letters, digits and . _ ~ + = - (it travels in a nats:// URL); "
+                             "`openssl rand -hex 32` makes one")
+        return value
 
     @model_validator(mode="before")
     @classmethod
@@ -444,7 +455,7 @@ def apply_override(data: dict, assignment: str, sources: SourceMap) -> None:
     named = data.get(parts[0])  # a misspelt worker group or node would silently become a new one
     if parts[0] in _NAMED_SECTIONS and len(parts) > 2 and isinstance(named, dict) and parts[1] not in named:
         what, plural = _NAMED_SECTIONS[parts[0]]
-        raise ProfileError([f"--set {assignment}: the profile has no {what} {parts[1]!r}"
+        raise ProfileError([f"--set {key}: the profile has no {what} {parts[1]!r}"
                             f"{_nearest(parts[1], named)} ({plural}: {', '.join(named) or 'none'})"])
     target = data
     for part in parts[:-1]:

@@ -110,14 +110,16 @@ def render_kubernetes(loaded: LoadedProfile, image: str, k8s_namespace: str | No
                               "type": "Opaque", "stringData": {"token": profile.nats.token}})
         token_env = [{"name": "DYNAMO_NATS_TOKEN", "valueFrom": {"secretKeyRef": {
             "name": nats_token_secret(profile), "key": "token"}}}]
-        args = ["-js", "-sd", "/data", "-p", str(nats_port), "--auth", "$(DYNAMO_NATS_TOKEN)"]
+        # The token goes in a config file, not on nats-server's command line (ps on the node shows those).
+        start_nats = ("umask 077 && printf '{\"authorization\": {\"token\": \"%s\"}}\\n' \"$DYNAMO_NATS_TOKEN\" "
+                      f"> /tmp/nats.conf && exec nats-server -c /tmp/nats.conf -js -sd /data -p {nats_port}")
         selector = {"app.kubernetes.io/name": nats_name}
         manifests.append({
             "apiVersion": "apps/v1", "kind": "Deployment", "metadata": meta(nats_name, {"app.kubernetes.io/component": "nats"}),
             "spec": {"replicas": 1, "selector": {"matchLabels": selector}, "template": {
                 "metadata": {"labels": {**labels, **selector}},
                 "spec": {"containers": [{
-                    "name": "nats", "image": "nats:2.10-alpine", "args": args, "env": token_env,
+                    "name": "nats", "image": "nats:2.10-alpine", "command": ["sh", "-c", start_nats], "env": token_env,
                     "ports": [{"name": "client", "containerPort": nats_port}],
                     "readinessProbe": {"tcpSocket": {"port": nats_port}, "periodSeconds": 2},
                     "livenessProbe": {"tcpSocket": {"port": nats_port}, "periodSeconds": 10},
@@ -237,6 +239,9 @@ def to_yaml_stream(manifests: list[dict]) -> str:
 # ---------------------------------------------------------------------------- Slurm
 
 
+_SECRET_KEYS = {"nats.token": "DYNAMO_NATS_TOKEN", "frontend.api_key": "DYNAMO_API_KEY"}
+
+
 def render_slurm(loaded: LoadedProfile, profile_path: str, overrides: list[str], partition: str | None,
                  time_limit: str | None, account: str | None) -> str:
     """An sbatch script: one `dynamo serve --node` per allocated node, told every node's address."""
@@ -248,6 +253,12 @@ def render_slurm(loaded: LoadedProfile, profile_path: str, overrides: list[str],
         count = (group.gpus * group.replicas) if isinstance(group.gpus, int) else len(group.gpus)
         gpus_per_node[placed] = gpus_per_node.get(placed, 0) + count
     gpus = max(gpus_per_node.values(), default=0) if get_backend(profile.backend).uses_gpus else 0
+    for override in overrides:
+        key = override.partition("=")[0].strip()
+        if key in _SECRET_KEYS:  # the script repeats every --set on each node's `dynamo serve` command line
+            raise UsageError(f"--set {key}: a secret would sit in the script and on every node's command line; "
+                             f"write {key}: ${{{_SECRET_KEYS[key]}}} in the profile and export {_SECRET_KEYS[key]} "
+                             "before sbatch (Slurm passes the environment on)")
     if profile.nodes and profile.nats.embedded and not profile.nats.token:
         raise UsageError("nats.token: a multinode profile on Slurm needs a NATS token "
                          "(nats.token: ${DYNAMO_NATS_TOKEN}); NATS must not be open on the cluster network")

@@ -262,6 +262,8 @@ class Router:
         overlap = overlaps.get(chosen, 0)
         if not account:
             return {"worker": chosen, "url": self.workers[chosen].url, "overlap": overlap, "cost": costs[chosen]}
+        if request_id in self.owner:  # ids come from clients (x-request-id): one id in flight twice
+            self.load_event("finished", request_id)  # would otherwise hold the first one's load forever
         self.loads[chosen].add(request_id, request_blocks, request_blocks - overlap, hashes[overlap:])
         self.owner[request_id] = chosen
         # Without events the prediction is all we know; with events it bridges until they arrive.

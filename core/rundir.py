@@ -93,9 +93,11 @@ class RunDir:
         return run
 
     def write_state(self, state: dict[str, Any]) -> None:
-        """Atomic: readers never see a half-written file."""
+        """Atomic: readers never see a half-written file. Owner-only: it holds the NATS URL, token included
+        (``dynamo check`` connects with it)."""
         tmp = self.state_path.with_name(f".state.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(state, indent=2, default=str))
+        with open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as fh:
+            fh.write(json.dumps(state, indent=2, default=str))
         os.replace(tmp, self.state_path)
 
     def read_state(self) -> dict[str, Any]:

@@ -182,3 +182,16 @@ def test_a_queue_that_fits_in_one_engine_step_with_the_request_is_not_charged():
     assert load.queued_prefill_blocks(hit, overlap_blocks=125, step_blocks=512) == 1250 + 2 - 512
     # a request longer than a step is charged only for the queue, not for its own extra steps
     assert load.queued_prefill_blocks(list(range(600)), overlap_blocks=0, step_blocks=512) == 1250
+
+
+def test_a_request_id_routed_twice_does_not_hold_load_forever():
+    from dynamo.core.discovery import Instance
+
+    router = Router("ns", BS, use_events=False, rng=random.Random(0))
+    router.sync({k: Instance(k, {"url": f"http://{k}", "role": "agg"}) for k in ("ns.a", "ns.b")})
+    prompt = chain_block_hashes(list(range(10 * BS)), BS)
+    router.route("same", prompt, "agg")  # clients choose x-request-id; two requests may share one
+    router.route("same", prompt, "agg")
+    router.load_event("finished", "same")
+    assert [(load.active_requests, load.active_blocks, load.prefill_blocks) for load in router.loads.values()] \
+        == [(0, 0, 0), (0, 0, 0)]

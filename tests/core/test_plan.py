@@ -105,6 +105,14 @@ def test_nats_on_a_public_address_needs_a_token():
         plan_of("name: p\nmodel: {name: m}\nnats: {host: 0.0.0.0}\nworkers: {w: {}}\n")
 
 
+def test_a_nats_token_that_cannot_travel_in_a_url_is_refused_without_echoing_it(tmp_path):
+    profile = tmp_path / "p.yaml"
+    profile.write_text("name: p\nmodel: {name: m}\nbackend: mocker\nnats: {token: 's3cret@x/y'}\nworkers: {w: {}}\n")
+    shown = dynamo("serve", str(profile), "--dry-run")
+    assert shown.returncode == 2
+    assert "nats.token: may hold only letters, digits" in shown.stderr and "s3cret" not in shown.stderr
+
+
 def test_dry_run_hides_the_api_key_and_the_nats_token(tmp_path):
     profile = tmp_path / "p.yaml"
     profile.write_text("name: p\nmodel: {name: m}\nbackend: mocker\nnats: {host: 0.0.0.0, token: ${TOK}}\n"

@@ -82,7 +82,7 @@ def test_nats_token_goes_in_a_secret_and_nodes_become_node_selectors():
 
 def test_slurm_script_starts_each_node_with_every_address(tmp_path):
     loaded = load_profile("multinode", overrides=["nats.token=tok"])
-    script = render_slurm(loaded, "profiles/multinode.yaml", ["nats.token=tok"], "gpu", "02:00:00", None)
+    script = render_slurm(loaded, "profiles/multinode.yaml", ["router.mode=kv"], "gpu", "02:00:00", None)
     path = tmp_path / "job.sbatch"
     path.write_text(script)
     assert subprocess.run(["bash", "-n", str(path)]).returncode == 0
@@ -92,6 +92,12 @@ def test_slurm_script_starts_each_node_with_every_address(tmp_path):
         assert f"--node {node}" in script
         assert f'--set "nodes.{node}.address=' in script
     assert script.count("dynamo serve \"$PROFILE\"") == 2
+
+
+def test_slurm_refuses_a_secret_given_with_set():
+    # the script repeats each --set on every node's command line
+    result = dynamo("render", "slurm", "multinode", "--set", "nats.token=s3cret-tok")
+    assert result.returncode == 2 and "export DYNAMO_NATS_TOKEN" in result.stderr
 
 
 def test_slurm_refuses_an_open_nats_on_the_cluster_network():
@@ -113,7 +119,8 @@ def test_k8s_nats_always_takes_a_token_from_a_secret():
     manifests = render_kubernetes(load_profile("agg"), "img")
     assert not by_kind(manifests, "Secret")  # the user creates it, as the command above says
     nats = next(m for m in by_kind(manifests, "Deployment") if m["metadata"]["name"] == "dynamo-agg-nats")
-    assert "--auth" in nats["spec"]["template"]["spec"]["containers"][0]["args"]
+    command = nats["spec"]["template"]["spec"]["containers"][0]["command"]
+    assert "DYNAMO_NATS_TOKEN" in command[2] and "--auth" not in command[2]
     for workload in by_kind(manifests, "Deployment") + by_kind(manifests, "StatefulSet"):
         env = workload["spec"]["template"]["spec"]["containers"][0]["env"]
         assert {"name": "DYNAMO_NATS_TOKEN", "valueFrom": {"secretKeyRef": {
@@ -145,7 +152,7 @@ def _running(pid: int) -> bool:
 def test_slurm_script_stops_every_node_when_one_exits_and_keeps_its_status(tmp_path):
     """The script's own supervision tail, run for real under its `set -euo pipefail`, with the
     srun lines replaced by a node that fails (exit 3) and a node that keeps running."""
-    script = render_slurm(load_profile("multinode", TOKEN), "profiles/multinode.yaml", TOKEN, None, None, None)
+    script = render_slurm(load_profile("multinode", TOKEN), "profiles/multinode.yaml", [], None, None, None)
     lines = script.splitlines()
     last_srun = max(i for i, line in enumerate(lines) if line.startswith("srun "))
     assert "set -euo pipefail" in lines[:last_srun]
@@ -168,3 +175,48 @@ def test_slurm_script_stops_every_node_when_one_exits_and_keeps_its_status(tmp_p
     assert proc.returncode == 3, output
     assert not survivor_alive, "the other node's supervisor was left running"
     assert "a node supervisor exited (3)" in output
+
+
+def test_k8s_nats_container_takes_its_token_from_a_file_not_its_command_line(tmp_path):
+    """The container's start command, run in sh with the real nats-server: the token works and is in no argv."""
+    import asyncio
+    import shutil
+
+    import nats as nats_client
+
+    from dynamo.core.nats_server import nats_server_binary
+    from dynamo.core.ports import pick_free_port
+
+    if nats_server_binary() is None or shutil.which("sh") is None:
+        pytest.skip("needs nats-server and sh")
+    manifests = render_kubernetes(load_profile("agg", TOKEN), "img")
+    nats = next(m for m in by_kind(manifests, "Deployment") if m["metadata"]["name"] == "dynamo-agg-nats")
+    script = nats["spec"]["template"]["spec"]["containers"][0]["command"][2]
+    port = pick_free_port()
+    script = (script.replace("/tmp/nats.conf", str(tmp_path / "nats.conf")).replace("/data", str(tmp_path / "js"))
+              .replace("-p 4222", f"-a 127.0.0.1 -p {port}"))
+    bindir = os.path.dirname(nats_server_binary())
+    proc = subprocess.Popen(["sh", "-c", script], env={"PATH": f"{bindir}:/usr/bin:/bin", "DYNAMO_NATS_TOKEN": "tok-1"},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        async def connect(token: str) -> bool:
+            for _ in range(50):
+                try:
+                    nc = await nats_client.connect(f"nats://{token}@127.0.0.1:{port}", allow_reconnect=False,
+                                                   connect_timeout=1, max_reconnect_attempts=0)
+                except Exception as exc:
+                    if "Authorization" in str(exc):
+                        return False
+                    await asyncio.sleep(0.1)
+                    continue
+                await nc.close()
+                return True
+            raise AssertionError("nats-server did not start")
+
+        assert asyncio.run(connect("tok-1")) and not asyncio.run(connect("wrong"))
+        with open(f"/proc/{proc.pid}/cmdline", "rb") as fh:  # exec: the shell became nats-server
+            assert b"tok-1" not in fh.read()
+        assert oct((tmp_path / "nats.conf").stat().st_mode & 0o777) == "0o600"
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(10)
