@@ -37,7 +37,9 @@ _FRONTEND_STARTUP = 60.0
 
 SECRET_ENV = frozenset({"DYNAMO_API_KEY"})
 _CREDENTIALS = re.compile(r"(\w+://)[^@/\s]+@")  # nats://TOKEN@host
-_URL_SECRET = re.compile(r"\w+://(?:[^@/\s:]*:)?([^@/\s]+)@")  # the token, or the password of user:password
+# A NATS URL (or comma list) as nats-py takes it, scheme optional: its credentials, and the token or password.
+_NATS_CREDENTIALS = re.compile(r"(\w+://|^|,)[^@/\s,]+@")
+_URL_SECRET = re.compile(r"(?:\w+://|^|,)(?:[^@/\s:,]*:)?([^@/\s,]+)@")
 
 
 class ProbeSpec(BaseModel):
@@ -146,10 +148,12 @@ class Plan(BaseModel):
 
         processes = [proc.model_copy(update={
             "argv": argv(proc.argv),
-            "env": {k: ("***" if k in SECRET_ENV else _CREDENTIALS.sub(r"\1***@", v)) for k, v in proc.env.items()},
+            "env": {k: ("***" if k in SECRET_ENV else (_NATS_CREDENTIALS if k == NATS_URL_ENV else _CREDENTIALS)
+                        .sub(r"\1***@", v)) for k, v in proc.env.items()},
             "files": {path: content(text) for path, text in proc.files.items()},
         }) for proc in self.processes]
-        return self.model_copy(update={"processes": processes, "nats_url": _CREDENTIALS.sub(r"\1***@", self.nats_url)})
+        return self.model_copy(update={"processes": processes,
+                                       "nats_url": _NATS_CREDENTIALS.sub(r"\1***@", self.nats_url)})
 
 
 def _probe(probe: ReadinessProbe, default: ReadinessProbe, host: str, port: int | None, startup: float) -> ProbeSpec:

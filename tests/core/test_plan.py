@@ -105,6 +105,15 @@ def test_nats_on_a_public_address_needs_a_token():
         plan_of("name: p\nmodel: {name: m}\nnats: {host: 0.0.0.0}\nworkers: {w: {}}\n")
 
 
+@pytest.mark.parametrize("url", ["nats://u:pw9@10.0.0.5:4222", "u:pw9@10.0.0.5:4222",
+                                 "nats://10.0.0.4:4222,nats://u:pw9@10.0.0.5:4222"])
+def test_external_nats_credentials_stay_off_command_lines_and_out_of_dry_runs(url):
+    plan = plan_of(f"name: p\nmodel: {{name: m}}\nnats: {{url: '{url}'}}\nworkers: {{w: {{}}}}\n")
+    assert plan.get("frontend").env["DYNAMO_NATS_URL"] == url
+    assert not any("pw9" in arg for proc in plan.processes for arg in proc.argv)
+    assert "pw9" not in plan.redacted().model_dump_json()
+
+
 def test_a_nats_token_that_cannot_travel_in_a_url_is_refused_without_echoing_it(tmp_path):
     profile = tmp_path / "p.yaml"
     profile.write_text("name: p\nmodel: {name: m}\nbackend: mocker\nnats: {token: 's3cret@x/y'}\nworkers: {w: {}}\n")
