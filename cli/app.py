@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import functools
 import json
-import sys
 from pathlib import Path
 from typing import Callable, List, Optional
 
@@ -34,6 +33,18 @@ def fail(message: str, code: int = 2) -> None:
     for line in lines[1:]:
         typer.secho(f"error: {line}", fg="red", err=True)
     raise typer.Exit(code)
+
+
+def write_output(text: str, output: Path | None) -> None:
+    """``text`` to ``--output`` (a clear error if it cannot be written), else to stdout."""
+    if output is None:
+        typer.echo(text, nl=False)
+        return
+    try:
+        output.write_text(text)
+    except OSError as exc:
+        fail(f"--output {output}: cannot write: {exc.strerror or exc}")
+    typer.echo(f"wrote {output}", err=True)
 
 
 def user_errors(func: Callable) -> Callable:
@@ -199,14 +210,7 @@ def profile_schema(
     """Print the JSON Schema of profiles (for editors; committed as profiles/schema.json)."""
     from dynamo.core.profile import profile_json_schema
 
-    text = json.dumps(profile_json_schema(), indent=2) + "\n"
-    if output:
-        try:
-            output.write_text(text)
-        except OSError as exc:
-            fail(f"--output {output}: cannot write: {exc.strerror or exc}")
-    else:
-        sys.stdout.write(text)
+    write_output(json.dumps(profile_json_schema(), indent=2) + "\n", output)
 
 
 @profile_app.command("list")

@@ -10,19 +10,6 @@ import typer
 render_app = typer.Typer(help="Render a profile for a cluster scheduler (Kubernetes, Slurm).", no_args_is_help=True)
 
 
-def _write(text: str, output: Optional[Path]) -> None:
-    if output:
-        from dynamo.core.errors import UsageError
-
-        try:
-            output.write_text(text)
-        except OSError as exc:
-            raise UsageError(f"--output {output}: cannot write: {exc.strerror or exc}") from None
-        typer.echo(f"wrote {output}", err=True)
-    else:
-        typer.echo(text, nl=False)
-
-
 @render_app.command("k8s")
 def k8s(
     profile: str = typer.Argument(..., help="Profile file or shipped profile name."),
@@ -39,14 +26,14 @@ def k8s(
     request `nvidia.com/gpu`; components placed on profile nodes get a nodeSelector
     `dynamo.dev/node: NAME` (label your nodes to match). Apply with `kubectl apply -f`.
     """
-    from dynamo.cli.app import user_errors
+    from dynamo.cli.app import user_errors, write_output
     from dynamo.core.profile import load_profile
     from dynamo.core.render import render_kubernetes, to_yaml_stream, token_secret_command
 
     @user_errors
     def run() -> None:
         loaded = load_profile(profile, overrides or [], backend=backend)
-        _write(to_yaml_stream(render_kubernetes(loaded, image, namespace)), output)
+        write_output(to_yaml_stream(render_kubernetes(loaded, image, namespace)), output)
         create = token_secret_command(loaded.profile, namespace)
         if create:
             typer.echo(f"NATS takes a token from a Secret these manifests do not hold; create it first:\n  {create}",
@@ -69,13 +56,13 @@ def slurm(
     Every node is told every node's address (`--set nodes.NAME.address=IP`), so NATS on the
     head is reached by the others; the first node hosts what the profile puts on its first node.
     """
-    from dynamo.cli.app import user_errors
+    from dynamo.cli.app import user_errors, write_output
     from dynamo.core.profile import load_profile
     from dynamo.core.render import render_slurm
 
     @user_errors
     def run() -> None:
         loaded = load_profile(profile, overrides or [])
-        _write(render_slurm(loaded, str(loaded.path), overrides or [], partition, time_limit, account), output)
+        write_output(render_slurm(loaded, str(loaded.path), overrides or [], partition, time_limit, account), output)
 
     run()

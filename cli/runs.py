@@ -15,9 +15,9 @@ from rich.console import Console
 from rich.table import Table
 
 from dynamo.core import proctree
-from dynamo.core.check.net import redact
 from dynamo.core.durations import parse_duration
 from dynamo.core.errors import RunNotFound, UsageError
+from dynamo.core.nats_server import redact_url
 from dynamo.core.printer import Printer
 from dynamo.core.rundir import RunDir, find_run, list_runs, parse_stamp, pid_alive
 
@@ -65,7 +65,7 @@ def ps(run: str | None, as_json: bool, all_runs: bool) -> None:
     chosen = resolve_run(run)
     state = chosen.read_state()
     if as_json:
-        shown = {**state, "nats_url": redact(state["nats_url"])} if state.get("nats_url") else state
+        shown = {**state, "nats_url": redact_url(state["nats_url"])} if state.get("nats_url") else state
         typer.echo(json.dumps({**shown, "status": _status(state), "path": str(chosen.path)}, indent=2))
         return
     console.print(f"run [bold]{chosen.id}[/] {_status(state)}"

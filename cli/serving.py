@@ -17,7 +17,7 @@ from dynamo.core.errors import UsageError
 from dynamo.core.gpus import detect_inventory
 from dynamo.core.plan import Plan, build_plan, check_engine_argvs, check_executables, check_ports
 from dynamo.core.profile import load_profile
-from dynamo.core.rundir import RunDir, dynamo_home, new_run_id
+from dynamo.core.rundir import RunDir, dynamo_home, new_run_id, write_owner_only
 from dynamo.core.text import quantity
 
 
@@ -41,10 +41,7 @@ def serve(profile: str, overrides: list[str], backend: str | None, dry_run: bool
     run.logs.mkdir(parents=True, exist_ok=True)
     lock = _claim(run)
     # the detached supervisor starts from this file, secrets included: readable by its owner only
-    fd = os.open(run.path / "plan.json", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    os.fchmod(fd, 0o600)
-    with os.fdopen(fd, "w") as out:
-        out.write(plan.model_dump_json(indent=2))
+    write_owner_only(run.path / "plan.json", plan.model_dump_json(indent=2))
     if detach:
         return _detach(run, plan, lock)
     from dynamo.core.printer import Printer

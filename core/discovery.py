@@ -27,6 +27,8 @@ import nats
 from nats.js.api import KeyValueConfig
 from nats.js.errors import BucketNotFoundError, KeyNotFoundError
 
+from dynamo.core.nats_server import redact_url
+
 BUCKET = "dynamo_instances"
 DEFAULT_TTL = 10.0
 
@@ -40,7 +42,7 @@ async def connect(url: str, name: str, timeout: float = 5.0,
     """
     deadline = time.monotonic() + timeout
     last: Exception | None = None
-    where = _redact(url)
+    where = redact_url(url)
     connected = True
     client: list[nats.NATS] = []
 
@@ -74,14 +76,7 @@ async def connect(url: str, name: str, timeout: float = 5.0,
         except Exception as exc:  # nats raises several unrelated types on refusal
             last = exc
             await asyncio.sleep(0.1)
-    raise ConnectionError(f"cannot reach NATS at {_redact(url)}: {last or 'timed out'}")
-
-
-def _redact(url: str) -> str:
-    if "@" in url:
-        scheme, _, rest = url.partition("://")
-        return f"{scheme}://***@{rest.split('@', 1)[1]}"
-    return url
+    raise ConnectionError(f"cannot reach NATS at {redact_url(url)}: {last or 'timed out'}")
 
 
 async def open_bucket(nc: nats.NATS, ttl: float = DEFAULT_TTL):
@@ -103,21 +98,19 @@ def instance_key(namespace: str, name: str) -> str:
 class DiscoveryPublisher:
     """Used by a supervisor: register, refresh and remove its node's workers."""
 
-    def __init__(self, nc: nats.NATS, kv, ttl: float = DEFAULT_TTL):
+    def __init__(self, nc: nats.NATS, kv, ttl: float = DEFAULT_TTL, refresh_now: asyncio.Event | None = None):
         self.nc = nc
         self.kv = kv
         self.ttl = ttl
         self.entries: dict[str, dict[str, Any]] = {}
         self._task: asyncio.Task | None = None
-        self._refresh_now = asyncio.Event()
+        self._refresh_now = refresh_now or asyncio.Event()  # set: put every entry now, not at the next period
 
     @classmethod
     async def open(cls, url: str, ttl: float = DEFAULT_TTL, timeout: float = 5.0) -> DiscoveryPublisher:
-        wake: list[asyncio.Event] = []
-        nc = await connect(url, "dynamo-supervisor", timeout=timeout, on_reconnect=lambda: [e.set() for e in wake])
-        publisher = cls(nc, await open_bucket(nc, ttl), ttl)
-        wake.append(publisher._refresh_now)  # after a NATS restart the entries are put again at once
-        return publisher
+        refresh_now = asyncio.Event()  # after a NATS restart the entries are put again at once
+        nc = await connect(url, "dynamo-supervisor", timeout=timeout, on_reconnect=refresh_now.set)
+        return cls(nc, await open_bucket(nc, ttl), ttl, refresh_now)
 
     async def register(self, key: str, entry: dict[str, Any]) -> None:
         self.entries[key] = entry

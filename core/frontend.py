@@ -358,6 +358,7 @@ class Frontend:
         self.known: dict[str, tuple] = {}  # worker key -> (url, pid) as last seen in discovery
         self._discovery_changed: asyncio.Future | None = None  # resolved at the next discovery change
         self.movers: dict[str, asyncio.Future] = {}  # worker key -> task moving its stuck requests
+        self.prefill_seen = False  # a prefill worker has been in discovery: disaggregated serving
         metrics = self.metrics_set = MetricSet()
         self.m_requests = metrics.add(Counter("dynamo_frontend_requests",
                                               "Requests by endpoint, type (stream, unary; unknown if refused before "
@@ -377,7 +378,6 @@ class Frontend:
         self.m_retries = metrics.add(Counter("dynamo_frontend_retries",
                                              "Requests retried on another worker before their first token"))
         self.m_migrations = metrics.add(Counter("dynamo_frontend_migrations", "Streams moved to another worker midway"))
-        self.prefill_seen = False  # a prefill worker has been in discovery: disaggregated serving
         self.m_fallbacks = metrics.add(Counter("dynamo_frontend_router_fallbacks",
                                                "Requests routed without the KV router's decision (no answer in "
                                                "time, router down, or it could not decide): round-robin used"))

@@ -3,11 +3,19 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import sys
 from pathlib import Path
 
-NATS_URL_ENV = "DYNAMO_NATS_URL"  # where the frontend and router take a URL with credentials from
+NATS_URL_ENV = "DYNAMO_NATS_URL"  # where the frontend and router take the NATS URL from
+_CREDENTIALS = re.compile(r"(\w+://|^|,)[^@/\s,]+@")
+
+
+def redact_url(url: str) -> str:
+    """A NATS URL (or comma list of them, scheme optional, as nats-py takes it) fit to print: its
+    credentials become ``***``."""
+    return _CREDENTIALS.sub(r"\1***@", url)
 
 
 def nats_server_binary() -> str | None:

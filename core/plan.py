@@ -7,7 +7,6 @@ and what it depends on. ``{run_dir}`` in argv and env is filled in by the superv
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import shutil
@@ -21,7 +20,8 @@ from dynamo.backends.base import WorkerContext, custom_launch, model_dir
 from dynamo.core.disagg import BACKEND_PROTOCOL
 from dynamo.core.errors import PlanError, UsageError
 from dynamo.core.gpus import GpuInventory
-from dynamo.core.nats_server import NATS_URL_ENV, nats_server_argv, nats_server_binary, nats_server_config
+from dynamo.core.nats_server import (NATS_URL_ENV, nats_server_argv, nats_server_binary, nats_server_config,
+                                     redact_url)
 from dynamo.core.ports import PortAllocator, PortClaim, busy_ports, is_loopback
 from dynamo.core.profile import LoadedProfile, Profile, ReadinessProbe, RestartPolicy
 from dynamo.core.text import quantity
@@ -36,10 +36,8 @@ _FRONTEND_STARTUP = 60.0
 
 
 SECRET_ENV = frozenset({"DYNAMO_API_KEY"})
-_CREDENTIALS = re.compile(r"(\w+://)[^@/\s]+@")  # nats://TOKEN@host
-# A NATS URL (or comma list) as nats-py takes it, scheme optional: its credentials, and the token or password.
-_NATS_CREDENTIALS = re.compile(r"(\w+://|^|,)[^@/\s,]+@")
-_URL_SECRET = re.compile(r"(?:\w+://|^|,)(?:[^@/\s:,]*:)?([^@/\s,]+)@")
+_CREDENTIALS = re.compile(r"(\w+://)[^@/\s]+@")  # in any argument or variable: nats://TOKEN@host
+_URL_SECRET = re.compile(r"(?:\w+://|^|,)(?:[^@/\s:,]*:)?([^@/\s,]+)@")  # a NATS URL's token or password
 
 
 class ProbeSpec(BaseModel):
@@ -137,9 +135,8 @@ class Plan(BaseModel):
         def argv(args: list[str]) -> list[str]:
             return [_CREDENTIALS.sub(r"\1***@", a) for a in args]
 
-        secrets = {m.group(1) for m in _URL_SECRET.finditer(self.nats_url)}
+        secrets = {m.group(1) for m in _URL_SECRET.finditer(self.nats_url)}  # URL-safe: written as they are
         secrets |= {v for proc in self.processes for k, v in proc.env.items() if k in SECRET_ENV and v}
-        secrets |= {json.dumps(v, ensure_ascii=False)[1:-1] for v in secrets}  # as written in a JSON file
 
         def content(text: str) -> str:
             for secret in sorted(secrets, key=len, reverse=True):
@@ -148,12 +145,11 @@ class Plan(BaseModel):
 
         processes = [proc.model_copy(update={
             "argv": argv(proc.argv),
-            "env": {k: ("***" if k in SECRET_ENV else (_NATS_CREDENTIALS if k == NATS_URL_ENV else _CREDENTIALS)
-                        .sub(r"\1***@", v)) for k, v in proc.env.items()},
+            "env": {k: ("***" if k in SECRET_ENV else redact_url(v) if k == NATS_URL_ENV
+                        else _CREDENTIALS.sub(r"\1***@", v)) for k, v in proc.env.items()},
             "files": {path: content(text) for path, text in proc.files.items()},
         }) for proc in self.processes]
-        return self.model_copy(update={"processes": processes,
-                                       "nats_url": _NATS_CREDENTIALS.sub(r"\1***@", self.nats_url)})
+        return self.model_copy(update={"processes": processes, "nats_url": redact_url(self.nats_url)})
 
 
 def _probe(probe: ReadinessProbe, default: ReadinessProbe, host: str, port: int | None, startup: float) -> ProbeSpec:

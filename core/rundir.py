@@ -19,6 +19,15 @@ LOG_MAX_BYTES = 20 * 2**20
 LOG_BACKUPS = 3
 
 
+def write_owner_only(path: str | os.PathLike, text: str) -> None:
+    """Write ``text`` to ``path``, readable by its owner only (mode 0600, also when the file was there
+    before): run files may hold secrets, the NATS token or the API key."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    os.fchmod(fd, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(text)
+
+
 def dynamo_home() -> Path:
     """``$DYNAMO_HOME``, else ``.dynamo`` in the current directory."""
     return Path(os.environ.get("DYNAMO_HOME") or ".dynamo")
@@ -96,8 +105,7 @@ class RunDir:
         """Atomic: readers never see a half-written file. Owner-only: it holds the NATS URL, token included
         (``dynamo check`` connects with it)."""
         tmp = self.state_path.with_name(f".state.{os.getpid()}.tmp")
-        with open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as fh:
-            fh.write(json.dumps(state, indent=2, default=str))
+        write_owner_only(tmp, json.dumps(state, indent=2, default=str))
         os.replace(tmp, self.state_path)
 
     def read_state(self) -> dict[str, Any]:

@@ -25,12 +25,13 @@ from nats.errors import NoRespondersError
 
 from dynamo.core import proctree
 from dynamo.core.discovery import DEFAULT_TTL, DiscoveryPublisher, instance_key
+from dynamo.core.nats_server import redact_url
 from dynamo.core.plan import Plan, ProbeSpec, ProcessSpec, RUN_DIR, STAGES
 from dynamo.core.ports import describe_process, listener_pids
 from dynamo.core.printer import Printer
 from dynamo.core.probes import Prober
 from dynamo.core.restart import backoff_delay, wants_restart
-from dynamo.core.rundir import RotatingLog, RunDir
+from dynamo.core.rundir import RotatingLog, RunDir, write_owner_only
 from dynamo.core.text import quantity
 
 USAGE_ERROR = 2  # the exit code of a process refusing its arguments (argparse, our CLIs): not worth a restart
@@ -160,7 +161,7 @@ class Supervisor:
             return
         local = any(c.spec.kind == "nats" for c in self.components)
         if not local:
-            self.printer.system(f"connecting to NATS at {self.plan.nats_url.split('@')[-1]} (started elsewhere)")
+            self.printer.system(f"connecting to NATS at {redact_url(self.plan.nats_url)} (started elsewhere)")
         try:
             # NATS on another node may start after us: wait for it (interrupted by a stop request)
             opening = asyncio.create_task(DiscoveryPublisher.open(self.plan.nats_url, DEFAULT_TTL,
@@ -264,11 +265,7 @@ class Supervisor:
         for path, content in spec.files.items():
             target = path.replace(RUN_DIR, str(self.run.path))
             os.makedirs(os.path.dirname(target) or ".", exist_ok=True)
-            # owner-only: a generated config may hold a secret (the NATS token)
-            fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-            os.fchmod(fd, 0o600)  # also when a reused run directory holds an older copy
-            with open(fd, "w") as fh:
-                fh.write(content.replace(RUN_DIR, str(self.run.path)))
+            write_owner_only(target, content.replace(RUN_DIR, str(self.run.path)))  # may hold the NATS token
         comp.exited.clear()
         comp.log_matched = False
         comp.exit_code = None

@@ -14,7 +14,8 @@ from typing import Any
 
 from dynamo.core.check.context import CheckContext
 from dynamo.core.check.model import Results
-from dynamo.core.check.net import is_loopback, redact
+from dynamo.core.check.net import is_loopback
+from dynamo.core.nats_server import redact_url
 from dynamo.core.text import quantity
 
 PROBE_TIMEOUT = 0.8
@@ -245,7 +246,7 @@ async def _discovery_entries(nats_url: str | None, namespace: str | None) -> dic
                                                  allow_reconnect=False, max_reconnect_attempts=0),
                                     NATS_TIMEOUT + 0.2)
     except Exception as exc:  # nats-py raises several unrelated types on refusal
-        return {"error": f"cannot reach NATS at {redact(nats_url)}: {_describe(exc)}"}
+        return {"error": f"cannot reach NATS at {redact_url(nats_url)}: {_describe(exc)}"}
     try:
         try:
             kv = await nc.jetstream().key_value(BUCKET)

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from urllib.parse import urlsplit
 
 from dynamo.core import ports
+from dynamo.core.nats_server import redact_url
 
 NATS_DEFAULT_PORT = 4222
 
@@ -36,21 +37,13 @@ def nats_servers(url: str) -> list[NatsServer]:
         try:
             port = split.port or NATS_DEFAULT_PORT
         except ValueError:
-            raise ValueError(f"{redact(part)}: the port is not a number") from None
+            raise ValueError(f"{redact_url(part)}: the port is not a number") from None
         if not split.hostname:
-            raise ValueError(f"{redact(part)}: no host")
+            raise ValueError(f"{redact_url(part)}: no host")
         servers.append(NatsServer(split.scheme or "nats", split.hostname, port))
     if not servers:
         raise ValueError("empty NATS URL")
     return servers
-
-
-def redact(url: str) -> str:
-    """The URL without its credentials."""
-    if "@" in url:
-        scheme, _, rest = url.partition("://")
-        return f"{scheme}://***@{rest.rsplit('@', 1)[1]}"
-    return url
 
 
 def nats_info(url: str, timeout: float = 1.0) -> dict:

@@ -14,7 +14,8 @@ from pathlib import Path
 
 from dynamo.core.check.context import CheckContext, ProfileState
 from dynamo.core.check.model import Results
-from dynamo.core.check.net import nats_info, redact
+from dynamo.core.check.net import nats_info
+from dynamo.core.nats_server import redact_url
 from dynamo.core.text import quantity
 
 NATS_TIMEOUT = 1.0
@@ -286,7 +287,7 @@ def check_nats(state: ProfileState, out: Results) -> None:
             out.ok("nats", f"embedded: {binary} will listen on {nats.host}, {port}", binary=binary)
         return
     url = nats.url or ""
-    shown = redact(url)
+    shown = redact_url(url)
     try:
         info = nats_info(url, NATS_TIMEOUT)
     except ValueError as exc:
