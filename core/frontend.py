@@ -48,6 +48,14 @@ _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 
 # markers of the SSE events that need a closer look; any other event is a plain content chunk
 _SPECIAL_EVENTS = (b"data: [DONE]", b'data: {"error"', b'"usage":{')
 _WRITE_HIGH_WATER = 256 * 1024  # client-side buffer above which the worker stream is paused
+# The router's key for a request: unique per request however clients set x-request-id (two requests
+# under one id must not share load accounting), and across the frontend replicas of one router.
+_ROUTE_PREFIX = os.urandom(4).hex()
+_route_seq = itertools.count()
+
+
+def _route_id() -> str:
+    return f"{_ROUTE_PREFIX}-{next(_route_seq)}"
 
 
 class ApiError(Exception):
@@ -205,6 +213,7 @@ class Attempt:
     hide_usage: bool = False  # usage asked of the worker for the metrics, not wanted by the client
     drop_role: bool = False  # a continuation's opening role chunk: the client has had one already
     background: asyncio.Future | None = None  # a concurrent prefill request (SGLang)
+    route_id: str = field(default_factory=_route_id)  # the router's key for it (request_id is the client's)
 
     def generated(self) -> tuple[str, int]:
         """The text sent so far and how many tokens it holds (a chat stream's opening chunk, which
@@ -743,7 +752,7 @@ class Frontend:
     async def _ask_router(self, attempt: Attempt, pool: str, account: bool = True) -> dict | None:
         decision = None
         if self.router_client is not None:
-            decision = await self.router_client.route(attempt.request_id, self._hashes(attempt), pool, account,
+            decision = await self.router_client.route(attempt.route_id, self._hashes(attempt), pool, account,
                                                       self.args.router_timeout)
         if decision is None and not attempt.fell_back:  # no answer in time, no router, or it could not decide
             attempt.fell_back = True
@@ -752,7 +761,7 @@ class Frontend:
 
     async def _router_event(self, event: str, attempt: Attempt) -> None:
         if self.router_client is not None:
-            await self.router_client.event(event, attempt.request_id)
+            await self.router_client.event(event, attempt.route_id)
 
     # --------------------------------------------------------------- disaggregation
 
@@ -785,8 +794,8 @@ class Frontend:
                 return None
             worker = probe = None
             if self.args.router_mode == "kv" and not tried:
-                probe = Attempt(attempt.request_id + "-prefill", attempt.path, attempt.body, hashes=self._hashes(attempt),
-                                fell_back=attempt.fell_back)
+                probe = Attempt(attempt.request_id, attempt.path, attempt.body, hashes=self._hashes(attempt),
+                                fell_back=attempt.fell_back, route_id=attempt.route_id + "-prefill")
                 decision = await self._ask_router(probe, "prefill")
                 attempt.fell_back |= probe.fell_back
                 if decision:

@@ -262,8 +262,8 @@ class Router:
         overlap = overlaps.get(chosen, 0)
         if not account:
             return {"worker": chosen, "url": self.workers[chosen].url, "overlap": overlap, "cost": costs[chosen]}
-        if request_id in self.owner:  # ids come from clients (x-request-id): one id in flight twice
-            self.load_event("finished", request_id)  # would otherwise hold the first one's load forever
+        if request_id in self.owner:  # the frontend's ids are unique; another caller may reuse one, and
+            self.load_event("finished", request_id)  # the first would otherwise hold its load forever
         self.loads[chosen].add(request_id, request_blocks, request_blocks - overlap, hashes[overlap:])
         self.owner[request_id] = chosen
         # Without events the prediction is all we know; with events it bridges until they arrive.

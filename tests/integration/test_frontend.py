@@ -472,3 +472,27 @@ def test_the_nats_token_never_appears_on_a_command_line(tmp_path, serve):
         assert token not in " ".join(psutil.Process(proc["pid"]).cmdline()), name
     config = run.dir / "nats.conf"
     assert stat.S_IMODE(config.stat().st_mode) == 0o600 and token in config.read_text()
+
+
+def test_two_requests_under_one_request_id_keep_their_own_router_accounting(tmp_path, serve):
+    import json
+
+    profile = mocker_profile(tmp_path, router="kv, placement: frontend", workers="""\
+        w: {replicas: 1, args: {speedup-ratio: 1}}
+        """)
+    run = serve(profile)
+    state = run.wait_ready(60)
+    plan = json.loads((run.dir / "plan.json").read_text())
+    headers = {"x-request-id": "same-id"}
+    body = {"model": MODEL, "prompt": "a long answer " * 40, "max_tokens": 2000, "stream": True}
+    with httpx.stream("POST", state["endpoint"] + "/v1/completions", json=body, headers=headers, timeout=30) as first:
+        lines = first.iter_lines()
+        assert next(lines).startswith("data:")
+        second = httpx.post(state["endpoint"] + "/v1/completions", headers=headers, timeout=30,
+                            json={"model": MODEL, "prompt": "short", "max_tokens": 2})
+        assert second.status_code == 200 and second.headers["x-request-id"] == "same-id"
+        assert sum(router_stats(plan)["active_blocks"].values()) > 0  # the first still counts where it runs
+    deadline = time.monotonic() + 5
+    while sum(router_stats(plan)["active_blocks"].values()) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert sum(router_stats(plan)["active_blocks"].values()) == 0  # released when the client left
