@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import itertools
+import logging
 import os
 import random
 import signal
@@ -40,7 +41,7 @@ from dynamo.core.text import quantity
 SUSPECT_SECONDS = 2.0
 STALLED_SECONDS = 2.0  # a stream silent this long on a worker that left rotation moves to another one
 MOVE_STUCK_FOR = 30.0  # how long after a worker left rotation its stuck requests are still looked for
-REPLACEMENT_WAIT = 3.0  # how long a request whose every worker failed waits for one to (re)join
+REPLACEMENT_WAIT = 3.0  # how long a request finding no worker (or whose every worker failed) waits for one to (re)join
 _HOP_HEADERS = {"content-length", "transfer-encoding", "connection", "keep-alive", "content-encoding", "date", "server"}
 _json_encode = msgspec.json.Encoder().encode
 _json_decode = msgspec.json.Decoder().decode
@@ -48,6 +49,8 @@ _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 
 # markers of the SSE events that need a closer look; any other event is a plain content chunk
 _SPECIAL_EVENTS = (b"data: [DONE]", b'data: {"error"', b'"usage":{')
 _WRITE_HIGH_WATER = 256 * 1024  # client-side buffer above which the worker stream is paused
+_STARTED = web.RequestKey("stream_started", bool) if hasattr(web, "RequestKey") else "dynamo_stream_started"
+log = logging.getLogger("dynamo.frontend")
 # The router's key for a request: unique per request however clients set x-request-id (two requests
 # under one id must not share load accounting), and across the frontend replicas of one router.
 _ROUTE_PREFIX = os.urandom(4).hex()
@@ -60,15 +63,18 @@ def _route_id() -> str:
 
 class ApiError(Exception):
     def __init__(self, status: int, message: str, kind: str = "invalid_request_error", param: str | None = None,
-                 code: str | int | None = None):
+                 code: str | int | None = None, retry_after: int | None = None):
         super().__init__(message)
         self.status, self.message, self.kind, self.param, self.code = status, message, kind, param, code
+        self.retry_after = retry_after  # seconds, for a 503 that should soon pass
         self.request_id: str | None = None
 
     def response(self, request_id: str | None = None) -> web.Response:
         body = {"error": {"message": self.message, "type": self.kind, "param": self.param,
                           "code": self.code if self.code is not None else self.status}}
-        headers = {"x-request-id": request_id} if request_id else None
+        headers = {"x-request-id": request_id} if request_id else {}
+        if self.retry_after is not None:
+            headers["Retry-After"] = str(self.retry_after)
         return web.Response(body=_json_encode(body), status=self.status, content_type="application/json",
                             headers=headers)
 
@@ -241,6 +247,10 @@ class _EventStreamResponse(web.StreamResponse):
     does) instead of in a write of their own."""
 
     _send_headers_immediately = False
+
+    async def prepare(self, request: web.BaseRequest):
+        request[_STARTED] = True  # from now on an error cannot be a response of its own
+        return await super().prepare(request)
 
 
 class StreamRelay:
@@ -448,12 +458,15 @@ class Frontend:
     @web.middleware
     async def _errors(self, request: web.Request, handler):
         try:
-            return await handler(request)
+            response = await handler(request)
+            if not response.prepared and "x-request-id" not in response.headers:  # /v1/models, /health...
+                response.headers["x-request-id"] = request.headers.get("x-request-id") or os.urandom(16).hex()
+            return response
         except ApiError as exc:
             self.m_errors.labels(exc.kind).inc()
             return exc.response(exc.request_id or request.headers.get("x-request-id") or os.urandom(16).hex())
         except web.HTTPException as exc:
-            if exc.status >= 400 and request.path.startswith("/v1/"):
+            if exc.status >= 400:
                 kind = "not_found_error" if exc.status == 404 else "invalid_request_error"
                 response = ApiError(exc.status, exc.reason or "error", kind).response(
                     request.headers.get("x-request-id") or os.urandom(16).hex())
@@ -461,6 +474,15 @@ class Frontend:
                     response.headers["Allow"] = exc.headers["Allow"]
                 return response
             raise
+        except (asyncio.CancelledError, ConnectionResetError):
+            raise
+        except Exception:  # a bug: still an OpenAI-style error the client can read, and counted
+            log.exception("frontend: %s %s failed", request.method, request.path)
+            self.m_errors.labels("internal_error").inc()
+            if request.get(_STARTED):
+                raise  # the stream has begun: aiohttp closes the connection, the client sees it cut
+            return ApiError(500, "the frontend failed on this request (its log has the traceback)",
+                            "internal_error").response(request.headers.get("x-request-id") or os.urandom(16).hex())
 
     # --------------------------------------------------------------- discovery views
 
@@ -633,16 +655,17 @@ class Frontend:
         again: Counter | None = None  # what the next attempt is: a retry or a migration
         while True:
             worker = await self._choose(attempt, ("agg", "decode"))
-            if worker is None and attempt.tried:
-                worker = await self._replacement(attempt)  # e.g. the failed worker, restarted
+            if worker is None:
+                worker = await self._replacement(attempt)  # e.g. a failed worker, restarted
             if worker is None:
                 if response is not None:
                     await self._stream_error(response, "no worker left to continue the stream")
                     return response
+                waited = f"none joined within {REPLACEMENT_WAIT:g} s"
                 if attempt.tried:
-                    raise ApiError(503, f"{quantity(len(attempt.tried), 'worker')} tried, none answered",
-                                   "service_unavailable")
-                raise ApiError(503, "no worker is ready", "service_unavailable")
+                    raise ApiError(503, f"{quantity(len(attempt.tried), 'worker')} tried, none answered; {waited}",
+                                   "service_unavailable", retry_after=1)
+                raise ApiError(503, f"no worker is ready; {waited}", "service_unavailable", retry_after=1)
             if again is not None:
                 again.inc()
             attempt.tried.add(_incarnation(worker))
@@ -671,7 +694,7 @@ class Frontend:
             again = self.m_migrations
 
     async def _replacement(self, attempt: Attempt) -> Instance | None:
-        """Every worker has been tried: wait a little for one to (re)join, as a restarted worker does."""
+        """No worker is left to try: wait a little for one to (re)join, as a restarted worker does."""
         deadline = time.monotonic() + REPLACEMENT_WAIT
         while (left := deadline - time.monotonic()) > 0:
             if self._discovery_changed is None or self._discovery_changed.done():

@@ -324,6 +324,8 @@ class _Connection(asyncio.Protocol):
     # ------------------------------------------------------------ used by the pool and responses
 
     async def send(self, request: bytes) -> UpstreamResponse:
+        if self.transport is None or self.transport.is_closing():  # closed by the worker since it opened
+            raise UpstreamError("connection closed by the worker before the request was sent")
         self._head_waiter = asyncio.get_running_loop().create_future()
         self.transport.write(request)
         return await self._head_waiter

@@ -166,6 +166,21 @@ def test_request_id_and_health(shared_run):
     assert metric(shared_run["endpoint"], "dynamo_frontend_requests_total") >= 1
 
 
+@pytest.mark.parametrize("method, path, status", [
+    ("GET", "/", 404), ("GET", "/v2/models", 404), ("DELETE", "/health", 405), ("GET", "/v1/completions", 405)])
+def test_unknown_paths_and_methods_get_openai_errors(shared_run, method, path, status):
+    reply = httpx.request(method, shared_run["endpoint"] + path, headers={"x-request-id": "r-1"}, timeout=10)
+    assert reply.status_code == status and reply.headers["content-type"].startswith("application/json")
+    assert reply.json()["error"]["message"] and reply.headers["x-request-id"] == "r-1"
+
+
+def test_every_answer_carries_a_request_id(shared_run):
+    for path in ("/v1/models", "/health", "/live"):
+        assert len(httpx.get(shared_run["endpoint"] + path, timeout=10).headers["x-request-id"]) == 32
+        reply = httpx.get(shared_run["endpoint"] + path, headers={"x-request-id": "mine"}, timeout=10)
+        assert reply.headers["x-request-id"] == "mine"
+
+
 @pytest.fixture(scope="module")
 def shared_run(tmp_path_factory):
     """One aggregated mocker run for the cheap request-level tests."""
@@ -344,6 +359,28 @@ def test_health_is_503_while_no_worker_can_serve_and_recovers(tmp_path, serve):
     assert client(state).completions.create(model=MODEL, prompt="back", max_tokens=2).choices[0].text
 
 
+def test_a_request_arriving_while_the_only_worker_restarts_waits_for_it(tmp_path, serve):
+    profile = Path(mocker_profile(tmp_path, workers="w: {replicas: 1, args: {speedup-ratio: 0}, readiness_probe: "
+                                                     "{period: 0.2s, timeout: 0.5s, failure_threshold: 40}}\n"))
+    profile.write_text(profile.read_text().replace("initial: 0.2s", "initial: 1s"))  # a restart takes ~1.5 s
+    run = serve(profile)
+    state = run.wait_ready(60)
+    os.kill(state["processes"]["w-0"]["pid"], signal.SIGKILL)
+    run.wait_for(lambda: health(state).status_code == 503, 10, "the worker gone from rotation")
+    started = time.monotonic()
+    reply = client(state, timeout=30).completions.create(model=MODEL, prompt="still there?", max_tokens=2)
+    assert reply.usage.completion_tokens == 2 and time.monotonic() - started < 3
+    os.kill(run.state()["processes"]["w-0"]["pid"], signal.SIGSTOP)  # frozen: leaves rotation, not replaced in 3 s
+    try:
+        run.wait_for(lambda: health(state).status_code == 503, 15, "the frozen worker out of rotation")
+        started = time.monotonic()
+        gone = httpx.post(state["endpoint"] + "/v1/completions", json={"model": MODEL, "prompt": "x"}, timeout=30)
+        assert gone.status_code == 503 and gone.headers["Retry-After"] == "1"
+        assert "no worker is ready" in gone.json()["error"]["message"] and time.monotonic() - started >= 2.9
+    finally:
+        os.kill(run.state()["processes"]["w-0"]["pid"], signal.SIGCONT)
+
+
 def test_a_worker_failing_health_leaves_rotation_and_returns(tmp_path, serve):
     profile = mocker_profile(tmp_path, workers=f"""\
         w: {{replicas: 2, args: {{speedup-ratio: 0}}, {FAST_HEALTH}}}
@@ -496,3 +533,33 @@ def test_two_requests_under_one_request_id_keep_their_own_router_accounting(tmp_
     while sum(router_stats(plan)["active_blocks"].values()) and time.monotonic() < deadline:
         time.sleep(0.05)
     assert sum(router_stats(plan)["active_blocks"].values()) == 0  # released when the client left
+
+
+def test_prefill_workers_killed_mid_dispatch_every_request_still_succeeds(tmp_path, serve):
+    profile = mocker_profile(tmp_path, router="kv", workers="""\
+        prefill: {role: prefill, replicas: 2, args: {speedup-ratio: 1}}
+        decode: {role: decode, replicas: 1, args: {speedup-ratio: 1}}
+        """)
+    run = serve(profile)
+    state = run.wait_ready(60)
+    replies: list[httpx.Response] = []
+
+    def one(i: int) -> None:
+        replies.append(httpx.post(state["endpoint"] + "/v1/completions", timeout=60, json={
+            "model": MODEL, "prompt": f"request {i}: " + "a long shared document " * 120, "max_tokens": 4}))
+
+    for round_ in range(3):  # the prefill workers are killed at a different moment of the dispatch each time
+        threads = [threading.Thread(target=one, args=(i,)) for i in range(10)]
+        for t in threads:
+            t.start()
+        time.sleep(0.05 * (round_ + 1))
+        for name in ("prefill-0", "prefill-1"):
+            try:
+                os.kill(run.state()["processes"][name]["pid"], signal.SIGKILL)
+            except (ProcessLookupError, KeyError):
+                pass
+        for t in threads:
+            t.join(60)
+    assert len(replies) == 30
+    assert [(r.status_code, r.headers.get("content-type")) for r in replies if r.status_code != 200] == []
+    assert all(r.json()["usage"]["completion_tokens"] == 4 for r in replies)
