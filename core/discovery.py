@@ -126,8 +126,10 @@ class DiscoveryPublisher:
                 pass  # NATS gone: the TTL removes it
 
     async def _put(self, key: str, entry: dict[str, Any]) -> None:
-        payload = json.dumps({**entry, "ts": time.time()}).encode()
-        await self.kv.put(key, payload)
+        stamped = time.time()
+        await self.kv.put(key, json.dumps({**entry, "ts": stamped}).encode())
+        if time.time() - stamped > self.ttl / 3:  # held up (a frozen NATS): it landed looking old; put it again
+            self._refresh_now.set()
 
     async def _refresh(self) -> None:
         while True:
@@ -204,6 +206,7 @@ class DiscoveryWatcher:
         self.kv = None
         self._watch = None
         self._reconnects = 0
+        self._unreachable = False  # the last question to the bucket went unanswered
         self._settled_at = 0.0  # after a NATS outage, publishers get until then to put their entries again
 
     async def start(self) -> None:
@@ -260,8 +263,14 @@ class DiscoveryWatcher:
             for key, inst in [(k, i) for k, i in self.instances.items() if now - i.seen > self.ttl]:
                 data = await self._registered(key)
                 if data is None:  # NATS is unreachable: keep what we know, and give publishers time after
+                    self._unreachable = True
                     self._settled_at = max(self._settled_at, time.monotonic() + self.ttl / 2)
                     break
+                if self._unreachable or self.nc.stats.get("reconnects", 0) != reconnects:
+                    # NATS answers again (thawed, or back while we asked): publishers stalled like us have not put
+                    # their entries again yet, so a gone or stale entry is not the bucket's word for another ttl
+                    self._unreachable = False
+                    self._settled_at = max(self._settled_at, time.monotonic() + self.ttl)
                 if self.instances.get(key) is not inst:
                     continue  # updated or deleted by the watch meanwhile: that is newer
                 if data:  # alive; the watch missed its refreshes

@@ -8,6 +8,8 @@ import os
 import signal
 import subprocess
 import time
+from contextlib import asynccontextmanager
+from typing import AsyncIterator
 
 import pytest
 
@@ -43,7 +45,9 @@ def nats_server(tmp_path):
             proc.wait(10)
 
 
-async def watched(url: str) -> tuple[DiscoveryPublisher, DiscoveryWatcher]:
+@asynccontextmanager
+async def watched(url: str) -> AsyncIterator[tuple[DiscoveryPublisher, DiscoveryWatcher]]:
+    """A publisher with one live entry and a watcher that lists it; both closed at the end."""
     publisher = await DiscoveryPublisher.open(url, ttl=TTL)
     await publisher.register("ns.w0", {"url": "http://127.0.0.1:1", "pid": 1})
     watcher = DiscoveryWatcher(await connect(url, "test-watcher"), "ns", ttl=TTL)
@@ -53,7 +57,13 @@ async def watched(url: str) -> tuple[DiscoveryPublisher, DiscoveryWatcher]:
             break
         await asyncio.sleep(0.05)
     assert "ns.w0" in watcher.instances
-    return publisher, watcher
+    try:
+        yield publisher, watcher
+    finally:
+        await watcher.close()
+        await watcher.nc.close()
+        publisher._task.cancel()
+        await publisher.nc.close()
 
 
 async def present_throughout(watcher: DiscoveryWatcher, seconds: float) -> str:
@@ -71,8 +81,7 @@ def test_a_frozen_or_restarted_nats_does_not_empty_the_worker_list(nats_server):
     url, procs, start = nats_server
 
     async def main() -> None:
-        publisher, watcher = await watched(url)
-        try:
+        async with watched(url) as (publisher, watcher):
             os.kill(procs[0].pid, signal.SIGSTOP)  # NATS frozen for 2 and a half: nothing is heard, nothing is known
             assert not (gone := await present_throughout(watcher, 2.5 * TTL)), f"NATS frozen: {gone}"
             os.kill(procs[0].pid, signal.SIGCONT)
@@ -86,11 +95,20 @@ def test_a_frozen_or_restarted_nats_does_not_empty_the_worker_list(nats_server):
             while "ns.w0" in watcher.instances and time.monotonic() < deadline:
                 await asyncio.sleep(0.1)
             assert "ns.w0" not in watcher.instances, f"a dead node's entry stayed (NATS up: {procs[-1].poll() is None})"
-        finally:
-            await watcher.close()
-            await watcher.nc.close()
-            publisher._task.cancel()
-            await publisher.nc.close()
+
+    asyncio.run(main())
+
+
+def test_a_nats_that_thaws_after_a_freeze_does_not_drop_live_workers(nats_server):
+    # its first answers come before the publishers, stalled like everyone, have put their entries again
+    url, procs, _ = nats_server
+
+    async def main() -> None:
+        async with watched(url) as (_, watcher):
+            os.kill(procs[0].pid, signal.SIGSTOP)
+            assert not (gone := await present_throughout(watcher, 2.5 * TTL)), f"NATS frozen: {gone}"
+            os.kill(procs[0].pid, signal.SIGCONT)
+            assert not (gone := await present_throughout(watcher, 3 * TTL)), f"NATS thawed: {gone}"
 
     asyncio.run(main())
 
