@@ -19,12 +19,16 @@ from dynamo.core.durations import parse_duration
 from dynamo.core.errors import RunNotFound, UsageError
 from dynamo.core.nats_server import redact_url
 from dynamo.core.printer import Printer
-from dynamo.core.rundir import RunDir, find_run, list_runs, parse_stamp, pid_alive
+from dynamo.core.rundir import (DEAD, RunDir, find_run, list_runs, parse_stamp, pid_alive, recorded_processes,
+                                run_status)
+from dynamo.core.text import quantity
 
 
 def resolve_run(run: str | None) -> RunDir:
     if run and (Path(run) / "state.json").exists():
         return RunDir(Path(run))
+    if run and os.sep in run and Path(run).is_dir():
+        raise RunNotFound(f"{run} is not a run directory (it has no state.json)")
     return find_run(run)
 
 
@@ -39,19 +43,11 @@ def _uptime(seconds: float | None) -> str:
     return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
 
 
-def _status(state: dict) -> str:
-    status = state.get("status", "?")
-    if status in ("starting", "ready", "stopping") and not pid_alive(state.get("supervisor_pid"),
-                                                                      state.get("supervisor_started")):
-        return "dead (supervisor gone)"
-    return status
-
-
 def ps(run: str | None, as_json: bool, all_runs: bool) -> None:
     console = Console()
     if all_runs:
         runs = list_runs()
-        rows = [{"run": r.id, "status": _status(s := r.read_state()), "profile": s.get("profile"),
+        rows = [{"run": r.id, "status": run_status(s := r.read_state()), "profile": s.get("profile"),
                  "endpoint": s.get("endpoint"), "started_at": s.get("started_at"), "path": str(r.path)} for r in runs]
         if as_json:
             typer.echo(json.dumps(rows, indent=2))
@@ -66,18 +62,21 @@ def ps(run: str | None, as_json: bool, all_runs: bool) -> None:
     state = chosen.read_state()
     if as_json:
         shown = {**state, "nats_url": redact_url(state["nats_url"])} if state.get("nats_url") else state
-        typer.echo(json.dumps({**shown, "status": _status(state), "path": str(chosen.path)}, indent=2))
+        typer.echo(json.dumps({**shown, "status": run_status(state), "path": str(chosen.path)}, indent=2))
         return
-    console.print(f"run [bold]{chosen.id}[/] {_status(state)}"
+    console.print(f"run [bold]{chosen.id}[/] {run_status(state)}"
                   + (f"  endpoint {state['endpoint']}" if state.get("endpoint") else "")
                   + (f"\nfailure: {state['failure']}" if state.get("failure") else ""))
     table = Table("NAME", "KIND", "STATUS", "PID", "RESTARTS", "PORTS", "GPUS", "UP", box=None)
-    orphaned = _status(state).startswith("dead")  # the last statuses its supervisor wrote are stale
+    orphaned = run_status(state) == DEAD  # the last statuses its supervisor wrote are stale
+    still = recorded_processes(state) if orphaned else {}
     for name, proc in state.get("processes", {}).items():
         ports = " ".join(f"{k}={v}" for k, v in (proc.get("ports") or {}).items())
         status = proc.get("status", "")
         if orphaned and status not in ("stopped", "exited", "failed", "pending"):
-            status = "orphaned (still running)" if pid_alive(proc.get("pid")) else "gone"
+            left = [pid for pid in proc.get("descendants") or () if pid in still]
+            status = ("orphaned (still running)" if proc.get("pid") in still
+                      else f"gone ({quantity(len(left), 'descendant')} still running)" if left else "gone")
         up = _uptime(proc.get("started_at")) if status in ("ready", "starting", "unhealthy") else "-"
         table.add_row(name, proc.get("kind", ""), status, str(proc.get("pid") or "-"),
                       str(proc.get("restarts", 0)), ports, ",".join(map(str, proc.get("gpus") or [])) or "-", up)
@@ -200,13 +199,7 @@ def stop(run: str | None, timeout: float) -> int:
     state = chosen.read_state()
     pid = state.get("supervisor_pid")
     if not pid_alive(pid, state.get("supervisor_started")):
-        leftovers = proctree.marked_processes(chosen.marker)
-        if leftovers:
-            proctree.signal_all(None, leftovers, signal.SIGKILL)
-            typer.echo(f"run {chosen.id}: supervisor was gone; killed {len(leftovers)} leftover processes")
-            return 0
-        typer.echo(f"run {chosen.id} is not running ({state.get('status', 'unknown')})")
-        return 0
+        return _clean_up(chosen, state)
     started = time.time()
     os.kill(pid, signal.SIGTERM)
     typer.echo(f"stopping run {chosen.id} (supervisor pid {pid}) ...")
@@ -223,4 +216,26 @@ def stop(run: str | None, timeout: float) -> int:
         return 1
     final = chosen.read_state()
     typer.echo(f"run {chosen.id} {final.get('status', 'stopped')} in {time.time() - started:.2f}s")
+    return 0
+
+
+def _clean_up(run: RunDir, state: dict) -> int:
+    """Stop a run whose supervisor is gone: kill what is left of it; a dead run is marked failed, so
+    nothing (ps, check) takes it for live any more."""
+    status = run_status(state)
+    leftovers = run.leftovers()
+    if leftovers:
+        proctree.signal_all(None, leftovers, signal.SIGKILL)
+        deadline = time.monotonic() + 2.0
+        while proctree.alive(leftovers) and time.monotonic() < deadline:
+            time.sleep(0.05)
+    killed = (f"killed {quantity(len(leftovers), 'leftover process', 'leftover processes')}" if leftovers
+              else "nothing of it was left running")
+    if status == DEAD:
+        run.close_dead(len(leftovers))
+        typer.echo(f"run {run.id} was {status}: {killed}; marked it failed")
+    elif leftovers:
+        typer.echo(f"run {run.id} is {status}: {killed}")
+    else:
+        typer.echo(f"run {run.id} is not running ({status})")
     return 0

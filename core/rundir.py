@@ -12,9 +12,14 @@ from typing import Any
 
 import psutil
 
-from dynamo.core.errors import RunNotFound
+from dynamo.core import proctree
+from dynamo.core.errors import RunNotFound, UsageError
+from dynamo.core.text import quantity
 
 ACTIVE = ("starting", "ready", "stopping")
+DEAD = "dead (supervisor gone)"  # an active state whose supervisor no longer runs: ps, stop and check say so
+# What dynamo writes into a run directory before anything else: a directory holding one was a run's.
+_RUN_FILES = ("plan.json", "state.json", "supervisor.lock")
 LOG_MAX_BYTES = 20 * 2**20
 LOG_BACKUPS = 3
 
@@ -126,6 +131,28 @@ class RunDir:
         state = self.read_state()
         return state.get("status") in ACTIVE and pid_alive(state.get("supervisor_pid"), state.get("supervisor_started"))
 
+    def leftovers(self) -> dict[int, float]:
+        """pid → create time of this run's processes still running: those carrying its marker, and those
+        its state records that are provably the recorded ones (see ``recorded_processes``)."""
+        return {**recorded_processes(self.read_state()), **proctree.marked_processes(self.marker)}
+
+    def close_dead(self, killed: int) -> dict[str, Any]:
+        """Record that this run's supervisor died without stopping it (its leftovers are gone now):
+        the run failed and its processes are stopped, so nothing takes it for live any more."""
+        state = self.read_state()
+        pid = state.get("supervisor_pid")
+        state["status"] = "failed"
+        state["failure"] = state.get("failure") or (
+            f"its supervisor (pid {pid}) died without stopping the run"
+            + (f"; dynamo stop killed {quantity(killed, 'leftover process', 'leftover processes')}" if killed else ""))
+        state["updated_at"] = time.time()
+        for proc in (state.get("processes") or {}).values():
+            if proc.get("status") not in ("stopped", "exited", "failed", "pending"):
+                proc["status"] = "stopped"
+        self.write_state(state)
+        self.event("dynamo", "failed", reason=state["failure"], killed=killed)
+        return state
+
 
 def wait_until_ready(run: Path, process, timeout: float = 120.0) -> dict[str, Any]:
     """Poll a run's state.json until it says ready; raise RuntimeError if the supervisor exits or time runs out."""
@@ -157,12 +184,94 @@ def pid_alive(pid: int | None, create_time: float | None = None) -> bool:
         return False
 
 
+def run_status(state: dict[str, Any]) -> str:
+    """A run's status as every command shows it: the state's, or ``DEAD`` when the state says the
+    run is active but its supervisor is gone (killed: its last statuses are stale)."""
+    status = state.get("status", "unknown")
+    if status in ACTIVE and not pid_alive(state.get("supervisor_pid"), state.get("supervisor_started")):
+        return DEAD
+    return status
+
+
+def recorded_processes(state: dict[str, Any]) -> dict[int, float]:
+    """pid → create time of the processes a run's state records (each process and its descendants)
+    that still run and are the same processes, not a reused pid: a process started when the state
+    says it did; a descendant (its start time is not recorded) in its process's session, started
+    after it and before the state was last written. Only this user's (nothing else can be signalled)."""
+    me = os.getuid()
+    updated = state.get("updated_at") or time.time()
+    found: dict[int, float] = {}
+    for proc in (state.get("processes") or {}).values():
+        started = proc.get("started_at")
+        if not started:
+            continue
+        candidates = [(proc.get("pid"), True), *((pid, False) for pid in proc.get("descendants") or ())]
+        for pid, own in candidates:
+            try:
+                info = psutil.Process(pid)
+                created = info.create_time()
+                if info.uids().real != me or info.status() == psutil.STATUS_ZOMBIE:
+                    continue
+            except (psutil.Error, TypeError, ValueError):
+                continue
+            if own:
+                ours = abs(created - started) <= 2.0
+            else:
+                ours = started - 1.0 <= created <= updated + 1.0 and _session(pid) == proc.get("pid")
+            if ours:
+                found[pid] = created
+    return found
+
+
+def _session(pid: int) -> int | None:
+    try:
+        return os.getsid(pid)
+    except OSError:
+        return None
+
+
+def check_run_dir(path: Path) -> None:
+    """Refuse a ``--run-dir`` that would mix a run's files with other files: it must be new, empty
+    or a previous run's directory."""
+    if path.exists() and not path.is_dir():
+        raise UsageError(f"--run-dir {path}: not a directory")
+    if not path.is_dir() or any((path / name).exists() for name in _RUN_FILES):
+        return
+    entries = sorted(p.name for p in path.iterdir())
+    if entries:
+        shown = ", ".join(entries[:5]) + (", ..." if len(entries) > 5 else "")
+        raise UsageError(f"--run-dir {path} is not empty and is not a dynamo run directory (it holds {shown}); "
+                         "a run writes plan.json, state.json, logs/ and nats/ there: give a new or empty directory")
+
+
+def link_run(run: RunDir, home: Path | None = None) -> None:
+    """Make a run kept outside ``$DYNAMO_HOME/runs`` (``--run-dir``) findable there, by id and among
+    all runs, with a symlink ``runs/<id>`` to it (links to directories since deleted are removed).
+    Best effort: the run works without it."""
+    root = (home or dynamo_home()) / "runs"
+    link = root / run.id
+    try:
+        if run.path.parent.resolve() == root.resolve():
+            return
+        root.mkdir(parents=True, exist_ok=True)
+        for entry in root.iterdir():
+            if entry.is_symlink() and not entry.exists():
+                entry.unlink(missing_ok=True)
+        if link.is_symlink():
+            link.unlink()  # an earlier run elsewhere under the same name: the newest one wins
+        elif link.exists():
+            return  # a run of this name lives in the home itself; this one is reachable by its path
+        link.symlink_to(run.path, target_is_directory=True)
+    except OSError:
+        pass
+
+
 def list_runs(home: Path | None = None) -> list[RunDir]:
-    """All runs, newest first."""
+    """All runs (those kept elsewhere through their link, see ``link_run``), newest first."""
     root = (home or dynamo_home()) / "runs"
     if not root.is_dir():
         return []
-    runs = [RunDir(p) for p in root.iterdir() if (p / "state.json").exists()]
+    runs = [RunDir(p.resolve() if p.is_symlink() else p) for p in root.iterdir() if (p / "state.json").exists()]
     return sorted(runs, key=lambda r: r.read_state().get("started_at", 0), reverse=True)
 
 
@@ -173,7 +282,8 @@ def find_run(run_id: str | None, home: Path | None = None, active_only: bool = F
     if run_id:
         matches = [r for r in runs if r.id == run_id] or [r for r in runs if r.id.startswith(run_id)]
         if not matches:
-            raise RunNotFound(f"no run {run_id!r} under {where}")
+            raise RunNotFound(f"no run {run_id!r} under {where}; for a run kept elsewhere (serve --run-dir), "
+                              "give its directory")
         if len(matches) > 1:
             raise RunNotFound(f"{run_id!r} matches several runs: {', '.join(r.id for r in matches)}")
         return matches[0]
@@ -182,4 +292,5 @@ def find_run(run_id: str | None, home: Path | None = None, active_only: bool = F
         return active[0]
     if runs and not active_only:
         return runs[0]
-    raise RunNotFound(f"no active run under {where} (DYNAMO_HOME={os.environ.get('DYNAMO_HOME', '.dynamo')}); start one with dynamo serve")
+    raise RunNotFound(f"no active run under {where} (DYNAMO_HOME={os.environ.get('DYNAMO_HOME', '.dynamo')}); "
+                      "start one with dynamo serve, or give the directory of a run kept elsewhere (serve --run-dir)")

@@ -211,10 +211,13 @@ class Supervisor:
                 return
             failed_probe = outcome in ("timeout", "unhealthy")
             if failed_probe:
-                why = "never became ready" if outcome == "timeout" else "stopped answering its probe"
+                why = (f"never became ready within {spec.readiness_probe.startup_timeout:g}s (startup_timeout)"
+                       if outcome == "timeout" else "stopped answering its probe")
                 comp.reason = f"{why} ({spec.readiness_probe.describe()})"
                 self._lifecycle(comp, outcome, f"{why}: stopping it", error=True)
                 await self._terminate(comp)
+            # the probe's verdict, not the exit code of the process it got stopped with
+            ended = why if failed_probe else self._ended(comp)
             if comp.ready_at and time.time() - comp.ready_at >= policy.reset_after:
                 comp.restarts = 0
             if not wants_restart(policy, comp.exit_code, failed_probe):
@@ -222,16 +225,16 @@ class Supervisor:
                 self._write_state()
                 comp.settled.set()
                 if spec.required:
-                    self._fail(f"{comp.name} {self._ended(comp)} and restart policy is {policy.policy!r}")
+                    self._fail(f"{comp.name} {ended} and restart policy is {policy.policy!r}")
                 return
             if comp.restarts >= policy.max_restarts:
                 comp.status = "failed"
                 comp.settled.set()
                 restarts = f"{quantity(comp.total_restarts, 'restart')}"
-                self._lifecycle(comp, "failed", f"failed: {self._ended(comp)} after {restarts} "
+                self._lifecycle(comp, "failed", f"failed: {ended} after {restarts} "
                                 f"(max_restarts {policy.max_restarts})", error=True)
                 if spec.required:
-                    self._fail(f"{comp.name} failed after {restarts}")
+                    self._fail(f"{comp.name} failed after {restarts}: {ended}")
                 return
             comp.restarts += 1
             comp.total_restarts += 1

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import shutil
 import signal
 import statistics
@@ -123,7 +124,8 @@ def start_run(workers: int, speedup: float, home: Path) -> tuple[subprocess.Pope
         [sys.executable, "-m", "dynamo.cli.app", "serve", "agg", "--backend", "mocker", "--run-dir", str(run_dir),
          "--set", f"workers.decode.replicas={workers}", "--set", f"workers.decode.args.speedup-ratio={speedup:g}",
          "--set", "frontend.port=0", "--set", "nats.port=0", "--set", "ports.base=0", "--no-color"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+        env={**os.environ, "DYNAMO_HOME": str(home)})  # its runs are not the user's
     return proc, wait_until_ready(run_dir, proc)
 
 

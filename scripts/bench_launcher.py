@@ -48,6 +48,7 @@ def run_dynamo(workers: int, idle: float, home: Path) -> dict:
          "--set", f"workers.decode.replicas={workers}", "--set", "frontend.port=0", "--set", "nats.port=0",
          "--set", "ports.base=0", "--no-color"],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+        env={**os.environ, "DYNAMO_HOME": str(home)},  # its runs are not the user's
     )
     state: dict = {}
     while time.monotonic() - t0 < 120:

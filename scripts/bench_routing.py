@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import random
 import shutil
 import signal
@@ -134,7 +135,8 @@ def serve(mode: str, args: argparse.Namespace, home: Path, weight: float,
          "--set", f"router.overlap_weight={weight}", "--set", f"router.placement={placement}",
          *(["--set", f"router.step_tokens={args.step_tokens}"] if args.step_tokens is not None else []),
          "--set", "frontend.port=0", "--set", "nats.port=0", "--set", "ports.base=0", "--no-color"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+        env={**os.environ, "DYNAMO_HOME": str(home)})  # its runs are not the user's
     return proc, wait_until_ready(run_dir, proc)
 
 

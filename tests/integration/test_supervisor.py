@@ -85,6 +85,21 @@ def test_worker_that_never_becomes_ready_hits_the_probe_timeout(tmp_path, serve)
     assert marked(run.marker) == []
 
 
+def test_a_worker_never_ready_after_its_restarts_fails_saying_why_not_with_its_exit_code(tmp_path, serve):
+    profile = fake_profile(tmp_path, replicas=1, engine_args="--never-ready",
+                           restart="{policy: on-failure, max_restarts: 2, backoff: {initial: 0.1s, jitter: 0}}")
+    profile.write_text(profile.read_text().replace("readiness_probe: {period: 0.1}",
+                                                   "readiness_probe: {period: 0.1, startup_timeout: 1s}"))
+    run = serve(profile)
+    assert run.wait_exit(40) == 1
+    [failed] = [e for e in run.events() if e["process"] == "w-0" and e["event"] == "failed"]
+    # stopped with SIGTERM, the fake engine exits 0: that exit code is not why it failed
+    assert failed["message"].startswith("failed: never became ready within 1s (startup_timeout) after 2 restarts")
+    assert run.state()["failure"] == "w-0 failed after 2 restarts: never became ready within 1s (startup_timeout)"
+    assert "w-0 failed after 2 restarts: never became ready within 1s" in run.text()
+    assert marked(run.marker) == []
+
+
 def test_sigterm_during_startup_stops_everything_cleanly(tmp_path, serve):
     profile = fake_profile(tmp_path, engine_args="--ready-after 30")
     run = serve(profile)
