@@ -172,6 +172,9 @@ app.add_typer(render_app, name="render")
 # ---------------------------------------------------------------------------- profile
 
 
+_PLENTY_OF_GPUS = 4096  # validation plans for the profile's needs, not this machine's
+
+
 @profile_app.command("validate")
 @user_errors
 def profile_validate(
@@ -179,20 +182,27 @@ def profile_validate(
     overrides: Optional[List[str]] = SetOpt,
     backend: Optional[str] = BackendOpt,
 ) -> None:
-    """Check profiles: YAML, types, unknown keys, variables.
+    """Check profiles: YAML, types, unknown keys, variables, and each worker's engine arguments.
 
-    Every file is checked and every problem reported; exit 2 if any file is invalid.
+    The arguments are checked as `dynamo serve` would (by the engine's own parser when it is
+    installed), planned for enough GPUs: whether this machine has them is `dynamo check`'s
+    question. Every file is checked and every problem reported; exit 2 if any is invalid.
     """
+    from dynamo.core.gpus import assumed_inventory
+    from dynamo.core.plan import build_plan, check_engine_argvs
     from dynamo.core.profile import load_profile
 
     failed = False
     for name in files:
+        where = ""  # the loader's messages name the file; the plan's do not
         try:
             loaded = load_profile(name, overrides or [], backend=backend)
+            where = f"{loaded.path}: "
+            check_engine_argvs(build_plan(loaded, assumed_inventory(_PLENTY_OF_GPUS)))
         except UsageError as exc:
             failed = True
             for line in str(exc).splitlines():
-                typer.secho(f"error: {line}", fg="red", err=True)
+                typer.secho(f"error: {where}{line}", fg="red", err=True)
             continue
         p = loaded.profile
         groups = len(p.workers)

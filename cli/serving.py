@@ -17,7 +17,7 @@ from dynamo.core.errors import UsageError
 from dynamo.core.gpus import detect_inventory
 from dynamo.core.plan import Plan, build_plan, check_engine_argvs, check_executables, check_ports
 from dynamo.core.profile import load_profile
-from dynamo.core.rundir import RunDir, dynamo_home, new_run_id, write_owner_only
+from dynamo.core.rundir import RunDir, check_run_dir, dynamo_home, link_run, new_run_id, write_owner_only
 from dynamo.core.text import quantity
 
 
@@ -28,18 +28,22 @@ def serve(profile: str, overrides: list[str], backend: str | None, dry_run: bool
         raise UsageError("--json goes with --dry-run (dynamo ps --json shows a running plan)")
     loaded = load_profile(profile, overrides, backend=backend)
     plan = build_plan(loaded, detect_inventory(assume_gpus), node=node, replica=replica)
+    check_engine_argvs(plan)
     if dry_run:
         if as_json:
             typer.echo(plan.redacted().model_dump_json(indent=2))
         else:
             typer.echo(render_plan(plan.redacted()))
         return 0
+    if run_dir:
+        check_run_dir(run_dir)
     check_executables(plan)
-    check_engine_argvs(plan)
     check_ports(plan)
     run = RunDir(run_dir) if run_dir else RunDir.create(dynamo_home(), new_run_id(plan.profile))
     run.logs.mkdir(parents=True, exist_ok=True)
     lock = _claim(run)
+    if run_dir:
+        link_run(run)  # ps, logs, stop and check find it by id too
     # the detached supervisor starts from this file, secrets included: readable by its owner only
     write_owner_only(run.path / "plan.json", plan.model_dump_json(indent=2))
     if detach:
@@ -85,8 +89,9 @@ def _detach(run: RunDir, plan: Plan, lock: int) -> int:
             typer.echo(f"run {run.id} is ready")
             if plan.endpoint:
                 typer.echo(f"endpoint: {plan.endpoint}")
-            typer.echo(f"logs:     dynamo logs {run.id} -f")
-            typer.echo(f"stop:     dynamo stop {run.id}")
+            ref = _run_ref(run)
+            typer.echo(f"logs:     dynamo logs {ref} -f")
+            typer.echo(f"stop:     dynamo stop {ref}")
             return 0
         if status in ("failed", "stopped") or child.poll() is not None:
             child.wait()
@@ -97,6 +102,12 @@ def _detach(run: RunDir, plan: Plan, lock: int) -> int:
                 typer.echo(f"  {line}", err=True)
             return child.returncode or 1  # 2 when the run failed on bad input
         time.sleep(0.1)
+
+
+def _run_ref(run: RunDir) -> str:
+    """How to name the run in a command: its id when it lives in $DYNAMO_HOME/runs, else its absolute
+    directory (which works from any directory)."""
+    return run.id if run.path.parent == (dynamo_home() / "runs").absolute() else str(run.path)
 
 
 def render_plan(plan: Plan) -> str:

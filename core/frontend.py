@@ -137,12 +137,12 @@ def validate(body: object, field_name: str, served_model: str | None) -> dict:
     stream = body.get("stream")
     if stream is not None and not isinstance(stream, bool):
         raise ApiError(400, "'stream' must be a boolean", param="stream")
-    for key in ("max_tokens", "max_completion_tokens", "min_tokens", "n"):
+    for key, least in (("max_tokens", 1), ("max_completion_tokens", 1), ("min_tokens", 0), ("n", 1)):
         value = body.get(key)
         if isinstance(value, float) and value.is_integer():
             value = int(value)
-        if value is not None and (type(value) is not int or value < 0):
-            raise ApiError(400, f"'{key}' must be a non-negative integer", param=key)
+        if value is not None and (type(value) is not int or value < least):
+            raise ApiError(400, f"'{key}' must be an integer of at least {least}", param=key)
     return body
 
 
@@ -371,6 +371,7 @@ class Frontend:
         self.router_client = None  # set in start() for router mode kv (core/router_client.py)
         self.nc = None
         self.upstream: UpstreamPool | None = None
+        self.closing: str | None = None  # why requests are refused and streams ended: shutting down
         self.tokenizer = None
         self.exact_tokenizer = args.model_path is not None  # the workers' own tokenizer: exact prompt counts
         self.suspect: dict[tuple, float] = {}  # worker incarnation -> until when it is avoided
@@ -484,6 +485,21 @@ class Frontend:
             return ApiError(500, "the frontend failed on this request (its log has the traceback)",
                             "internal_error").response(request.headers.get("x-request-id") or os.urandom(16).hex())
 
+    async def drain(self, timeout: float) -> None:
+        """Shutting down (the listening socket is closed already): new requests get 503; those in
+        flight have ``timeout`` seconds to finish, then each ends with an OpenAI-style error (a
+        stream with an error event) instead of being cut when the supervisor's SIGKILL comes."""
+        self.closing = "the server is shutting down"
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while self.m_inflight.value > 0 and loop.time() < deadline:
+            await asyncio.sleep(0.05)
+        if self.m_inflight.value > 0 and self.upstream is not None:
+            self.upstream.abort_all(self.closing)
+            deadline = loop.time() + 1.0
+            while self.m_inflight.value > 0 and loop.time() < deadline:
+                await asyncio.sleep(0.02)
+
     # --------------------------------------------------------------- discovery views
 
     def pool(self, roles: tuple[str, ...]) -> list[Instance]:
@@ -574,6 +590,8 @@ class Frontend:
         kind, status = "unknown", "500"  # the request type is known once the body is read
         self.m_inflight.inc()
         try:
+            if self.closing:
+                raise ApiError(503, self.closing, "service_unavailable", retry_after=1)
             self._check_key(request)
             try:
                 raw = await request.read()
@@ -654,6 +672,11 @@ class Frontend:
         migrations = 0
         again: Counter | None = None  # what the next attempt is: a retry or a migration
         while True:
+            if self.closing:
+                if response is None:
+                    raise ApiError(503, self.closing, "service_unavailable", retry_after=1)
+                await self._stream_error(response, self.closing, "service_unavailable", 503)
+                return response
             worker = await self._choose(attempt, ("agg", "decode"))
             if worker is None:
                 worker = await self._replacement(attempt)  # e.g. a failed worker, restarted
@@ -685,6 +708,8 @@ class Frontend:
                 return result
             # the stream broke midway
             response = result
+            if self.closing:
+                continue  # ended above with the reason, not moved
             self.suspect[_incarnation(worker)] = time.monotonic() + SUSPECT_SECONDS
             if migrations >= self.args.migration_limit or not self._can_continue(attempt):
                 await self._stream_error(response, f"worker {worker.data.get('name')} failed mid-stream")
@@ -1039,9 +1064,10 @@ class Frontend:
         if isinstance(usage, dict):
             attempt.usage = usage
 
-    async def _stream_error(self, response: web.StreamResponse, message: str) -> None:
+    async def _stream_error(self, response: web.StreamResponse, message: str, kind: str = "upstream_error",
+                            code: int = 502) -> None:
         self.m_errors.labels("stream_interrupted").inc()
-        error = {"error": {"message": message, "type": "upstream_error", "param": None, "code": 502}}
+        error = {"error": {"message": message, "type": kind, "param": None, "code": code}}
         try:
             await response.write(b"data: " + _json_encode(error) + b"\n\ndata: [DONE]\n\n")
             await response.write_eof()
@@ -1097,6 +1123,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--discovery-ttl", type=float, default=DEFAULT_TTL)
     parser.add_argument("--max-body-mb", type=float, default=32.0,
                         help="Largest request body accepted, in MiB (larger: 413).")
+    parser.add_argument("--drain-timeout", type=float, default=8.0,
+                        help="On SIGTERM, seconds the requests in flight have to finish before each ends with an "
+                             "error (keep it below the supervisor's grace period).")
     parser.add_argument("--api-key", default=os.environ.get("DYNAMO_API_KEY") or None,
                         help="Require 'Authorization: Bearer KEY' (default $DYNAMO_API_KEY).")
     return parser.parse_args(argv)
@@ -1113,7 +1142,8 @@ def main(argv: list[str] | None = None) -> None:
     frontend = Frontend(args)
 
     async def serve() -> None:
-        runner = web.AppRunner(frontend.app(), access_log=None, handle_signals=False, handler_cancellation=True)
+        runner = web.AppRunner(frontend.app(), access_log=None, handle_signals=False, handler_cancellation=True,
+                               shutdown_timeout=1.0)  # drained already
         await runner.setup()
         site = web.TCPSite(runner, args.host, args.port, reuse_address=True, backlog=1024)
         try:
@@ -1129,6 +1159,8 @@ def main(argv: list[str] | None = None) -> None:
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
         await stop.wait()
+        await site.stop()  # no new connections; the requests in flight may finish
+        await frontend.drain(args.drain_timeout)
         await runner.cleanup()
 
     asyncio.run(serve())

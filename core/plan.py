@@ -419,6 +419,7 @@ def build_plan(
             "--block-size", str(profile.model.block_size), "--migration-limit", str(fe.migration_limit),
             "--max-body-mb", f"{fe.max_body_mb:g}",
             "--router-timeout", f"{router.timeout:g}",
+            "--drain-timeout", f"{_drain_timeout(fe.grace_period):g}",
             "--disagg-protocol", BACKEND_PROTOCOL[profile.backend],
             *(["--disagg-threshold", str(router.disagg_threshold)] if router.disagg_threshold else []),
             *(["--router-embedded", *router_flags] if embedded_router else []),
@@ -477,6 +478,12 @@ def check_ports(plan: Plan) -> None:
     problems = busy_ports(plan.port_claims())
     if problems:
         raise UsageError("\n".join(problems))
+
+
+def _drain_timeout(grace_period: float) -> float:
+    """How long the frontend lets requests finish on SIGTERM: most of its grace period, keeping a
+    margin to end the rest with an error before the SIGKILL."""
+    return round(max(grace_period - max(1.0, grace_period / 5), 0.0), 2)
 
 
 def check_engine_argvs(plan: Plan) -> None:

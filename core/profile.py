@@ -324,6 +324,10 @@ class SourceMap:
     def where(self, path: tuple, value: bool = False) -> str:
         """``file:line:col`` of a key (or of its value), or the ``--set`` flag that set it."""
         probe = tuple(path)
+        if probe not in self.positions:  # a key only a --set made (a misspelt section, say)
+            made = sorted(o for o in self.overrides if o[:len(probe)] == probe)
+            if made:
+                return f"--set {'.'.join(map(str, made[0]))}"
         while True:
             if probe in self.overrides:
                 return f"--set {'.'.join(map(str, probe))}"
@@ -444,11 +448,20 @@ def _nearest(word: str, choices) -> str:
 _NAMED_SECTIONS = {"workers": ("worker group", "groups"), "nodes": ("node", "nodes")}
 
 
-def apply_override(data: dict, assignment: str, sources: SourceMap) -> None:
-    """Apply one ``key.path=value`` to the plain profile data."""
+def apply_override(data: dict, assignment: str, sources: SourceMap, env: Mapping[str, str] | None = None) -> None:
+    """Apply one ``key.path=value`` to the plain profile data; ``${VAR}`` in the value is expanded
+    from ``env`` as in the profile's text (so a single-quoted ``'${KEY}'`` is the variable, not the
+    literal string)."""
     if "=" not in assignment:
         raise ProfileError([f"--set {assignment}: expected key.path=value, for example --set frontend.port=8080"])
     key, _, raw = assignment.partition("=")
+    if "$" in raw:
+        try:
+            raw = expand_vars(raw, os.environ if env is None else env)
+        except KeyError as exc:
+            name = exc.args[0]
+            raise ProfileError([f"--set {key}: ${{{name}}} is not set; export {name}=... or write "
+                                f"${{{name}:-default}}"]) from None
     parts = [p for p in key.strip().split(".")]
     if not all(parts):
         raise ProfileError([f"--set {assignment}: empty key in {key!r}"])
@@ -529,11 +542,11 @@ def parse_profile(
     except Exception as exc:  # ruamel raises a few unmarked errors (duplicate keys, bad tokens)
         raise ProfileError([f"{filename}: malformed YAML: {exc}"]) from None
     if not isinstance(tree, Mapping):
-        raise ProfileError([f"{filename}:1:1: a profile is a YAML mapping (name:, model:, workers: ...), got {type(tree).__name__}"])
+        raise ProfileError([f"{filename}:1:1: a profile is a YAML mapping (name:, model:, workers: ...), got {_kind_of(_plain(tree))}"])
     _walk_positions(tree, (), sources)
     data = _plain(tree)
     for assignment in overrides:
-        apply_override(data, assignment, sources)
+        apply_override(data, assignment, sources, env)
     if backend:
         if backend not in BACKENDS:
             raise ProfileError([f"--backend {backend}: expected one of {', '.join(BACKENDS)}{_nearest(backend, BACKENDS)}"])
@@ -599,7 +612,8 @@ def _describe(exc: ValidationError, data: dict, sources: SourceMap) -> list[str]
     for error in exc.errors():
         path = _data_path(error["loc"], data)
         kind = error["type"]
-        where = sources.where(path, value=kind not in ("extra_forbidden", "missing"))
+        # an empty value has no position of its own (ruamel gives the next line's): point at its key
+        where = sources.where(path, value=kind not in ("extra_forbidden", "missing") and error.get("input") is not None)
         if kind == "extra_forbidden":
             model = _model_at(path[:-1])
             hint = _nearest(str(path[-1]), model.model_fields) if model else ""
@@ -607,6 +621,10 @@ def _describe(exc: ValidationError, data: dict, sources: SourceMap) -> list[str]
             message = f"unknown key{hint}{allowed}"
         elif kind == "missing":
             message = "required key is missing"
+        elif kind in ("dict_type", "model_type", "model_attributes_type"):
+            message = f"expected a mapping (key: value), got {_kind_of(error.get('input'))}"
+        elif kind == "too_short" and isinstance(error.get("input"), (dict, list)):
+            message = "needs at least one entry"
         else:
             message = error["msg"].removeprefix("Value error, ")
             if "input" in error and not isinstance(error["input"], (dict, list)) and kind not in ("value_error",):
@@ -615,8 +633,22 @@ def _describe(exc: ValidationError, data: dict, sources: SourceMap) -> list[str]
         if key in seen:
             continue
         seen.add(key)
-        problems.append(f"{where}: {_dotted(path)}: {message}")
+        named = where == f"--set {_dotted(path)}"  # the flag already names the key
+        problems.append(f"{where}: {message}" if named else f"{where}: {_dotted(path)}: {message}")
     return problems
+
+
+def _kind_of(value: Any) -> str:
+    """How a YAML value reads to its author."""
+    if value is None:
+        return "nothing (an empty value)"
+    if isinstance(value, list):
+        return "a list"
+    if isinstance(value, bool):
+        return f"the boolean {str(value).lower()}"
+    if isinstance(value, (int, float)):
+        return f"the number {value}"
+    return f"the text {value!r}" if isinstance(value, str) else type(value).__name__
 
 
 def profile_json_schema() -> dict:

@@ -474,6 +474,14 @@ class UpstreamPool:
                 aborted += 1
         return aborted
 
+    def abort_all(self, reason: str) -> int:
+        """End every request in flight with :class:`UpstreamAborted` (shutting down); returns how many."""
+        conns = [conn for busy in self._busy.values() for conn in busy if conn._error is None and not conn._complete]
+        for conn in conns:
+            conn._fail(UpstreamAborted(reason))
+            conn.abort()
+        return len(conns)
+
     def busy(self, base_url: str) -> int:
         """Requests to ``base_url`` in flight."""
         return len(self._busy.get(base_url, ()))

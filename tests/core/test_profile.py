@@ -105,6 +105,20 @@ def test_cli_validate_reports_and_exits_2(tmp_path: Path):
     assert "Traceback" not in result.stderr
 
 
+def test_validate_judges_engine_arguments_as_serve_does(tmp_path: Path):
+    typo = tmp_path / "typo.yaml"
+    typo.write_text("name: p\nmodel: {name: m}\nbackend: mocker\nworkers:\n  w: {args: {max-num-seq: 5}}\n")
+    reserved = tmp_path / "reserved.yaml"
+    reserved.write_text("name: p\nmodel: {name: m}\nbackend: mocker\nworkers:\n  w: {args: {port: 5}}\n")
+    result = dynamo("profile", "validate", str(typo), str(reserved))
+    assert result.returncode == 2, result.stdout
+    assert f"error: {typo}: workers." in result.stderr and "did you mean 'max-num-seqs'" in result.stderr
+    assert f"error: {reserved}: workers." in result.stderr
+    for args in (["profile", "validate", "agg"], ["serve", "agg", "--dry-run"]):  # the engine's parser judges values
+        result = dynamo(*args, "--backend", "mocker", "--set", "workers.decode.args.max-num-seqs=abc")
+        assert result.returncode == 2 and "expected a positive integer, got 'abc'" in result.stderr, result.stderr
+
+
 def test_cli_validate_shipped_profiles():
     names = [p.stem for p in SHIPPED_PROFILES_DIR.glob("*.yaml")]
     assert "agg" in names
@@ -168,3 +182,25 @@ def test_schema_into_a_missing_directory_is_a_clear_error(tmp_path: Path):
     assert result.returncode == 2
     assert f"--output {target}: cannot write: No such file or directory" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_set_values_expand_variables_as_the_profile_does():
+    env = {"KEY": "sekret", "EMPTY": ""}
+    loaded = parse_profile(MINIMAL, overrides=["frontend.api_key=${KEY}", "model.name=m-${EMPTY:-x}-$$1"], env=env)
+    assert loaded.profile.frontend.api_key == "sekret" and loaded.profile.model.name == "m-x-$1"
+    with pytest.raises(ProfileError) as info:
+        parse_profile(MINIMAL, overrides=["frontend.api_key=${MISSING}"], env=env)
+    assert str(info.value) == "--set frontend.api_key: ${MISSING} is not set; export MISSING=... or write ${MISSING:-default}"
+
+
+def test_errors_read_in_yaml_terms_not_python_ones():
+    assert problems("name: p\nmodel: {name: m}\nworkers: []\n") == "p.yaml:3:10: workers: expected a mapping (key: value), got a list"
+    assert problems("name: p\nmodel: {name: m}\nworkers: {}\n") == "p.yaml:3:10: workers: needs at least one entry"
+    assert problems(MINIMAL + "frontend:\n") == "p.yaml:5:1: frontend: expected a mapping (key: value), got nothing (an empty value)"
+    assert problems("- a\n").endswith("got a list")
+
+
+def test_set_errors_blame_the_flag_once():
+    assert problems(MINIMAL, overrides=["frontend.port=abc"]).startswith(
+        "--set frontend.port: Input should be a valid integer")
+    assert problems(MINIMAL, overrides=["frontnd.port=1"]) == "--set frontnd.port: frontnd: unknown key; did you mean 'frontend'?"

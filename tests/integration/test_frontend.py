@@ -97,6 +97,7 @@ def test_openai_client_through_the_default_profile(serve):
         (b'{"model": 7, "messages": [{"role": "user", "content": "x"}]}', 400, "model"),
         (b'{"model": "%s", "messages": [{"role": "user", "content": "x"}], "stream": "yes"}' % MODEL.encode(), 400, "stream"),
         (b'{"model": "%s", "messages": [{"role": "user", "content": "x"}], "max_tokens": -5}' % MODEL.encode(), 400, "max_tokens"),
+        (b'{"model": "%s", "messages": [{"role": "user", "content": "x"}], "max_tokens": 0}' % MODEL.encode(), 400, "max_tokens"),
         (b'{"model": "%s", "messages": [{"role": "user", "content": "x"}], "n": 3}' % MODEL.encode(), 400, None),
     ],
 )
@@ -107,6 +108,7 @@ def test_malformed_bodies_get_openai_errors_never_500(shared_run, body, status, 
     error = reply.json()["error"]
     assert error["message"] and error["type"] and "code" in error
     if param:
+        assert error["type"] == "invalid_request_error"  # the frontend's own check, before any worker
         assert error["param"] == param
 
 
@@ -193,7 +195,8 @@ def shared_run(tmp_path_factory):
         """)
     run_dir = tmp / "run"
     proc = subprocess.Popen([sys.executable, "-m", "dynamo.cli.app", "serve", profile, "--run-dir", str(run_dir)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+                            env={**os.environ, "DYNAMO_HOME": str(tmp / "home")})
     try:
         deadline = time.monotonic() + 60
         state: dict = {}
@@ -563,3 +566,35 @@ def test_prefill_workers_killed_mid_dispatch_every_request_still_succeeds(tmp_pa
     assert len(replies) == 30
     assert [(r.status_code, r.headers.get("content-type")) for r in replies if r.status_code != 200] == []
     assert all(r.json()["usage"]["completion_tokens"] == 4 for r in replies)
+
+
+def test_stopping_lets_short_streams_finish_and_ends_long_ones_with_an_error_event(tmp_path, serve):
+    import json
+
+    profile = Path(mocker_profile(tmp_path, workers="w: {replicas: 1, args: {speedup-ratio: 1}}\n"))
+    profile.write_text(profile.read_text().replace("frontend: {port: 0}", "frontend: {port: 0, grace_period: 3s}"))
+    run = serve(profile)
+    state = run.wait_ready(60)
+    events: dict[str, list[str]] = {"short": [], "long": []}
+
+    def stream(name: str, tokens: int) -> None:
+        with httpx.stream("POST", state["endpoint"] + "/v1/completions", timeout=30, json={
+                "model": MODEL, "prompt": f"a {name} story", "max_tokens": tokens, "stream": True}) as reply:
+            events[name] += [line for line in reply.iter_lines() if line.startswith("data:")]
+
+    threads = [threading.Thread(target=stream, args=("short", 60)), threading.Thread(target=stream, args=("long", 3000))]
+    for t in threads:
+        t.start()
+    run.wait_for(lambda: metric(state["processes"]["w-0"]["url"], "vllm:num_requests_running") >= 2, 10,
+                 "both streaming")
+    stopped = time.monotonic()
+    run.proc.send_signal(signal.SIGINT)
+    for t in threads:
+        t.join(30)
+    assert run.wait_exit(30) == 0 and time.monotonic() - stopped < 6  # drain (2 s) + the rest, not a SIGKILL
+    short, long = events["short"], events["long"]
+    assert short[-1] == "data: [DONE]" and sum('"text"' in e for e in short) == 60  # finished within the drain
+    assert long[-1] == "data: [DONE]" and 0 < sum('"text"' in e for e in long) < 3000
+    error = json.loads(long[-2].removeprefix("data: "))["error"]
+    assert error["type"] == "service_unavailable" and "shutting down" in error["message"]
+    assert "SIGKILL" not in run.text()
