@@ -424,7 +424,8 @@ class Frontend:
                 self.router_client = embedded
             else:
                 self.router_client = NatsRouterClient(self.nc, self.namespace)
-        if self.kv_routing or self.args.disagg_threshold or (self.args.migration_limit and self.exact_tokenizer):
+        if self.kv_routing or self.args.disagg_threshold or (
+                (self.args.migration_limit or self.args.max_model_len) and self.exact_tokenizer):
             from dynamo.core.tokenizer import load_tokenizer
 
             self.tokenizer = load_tokenizer(None if self.args.model_path in (None, "builtin") else self.args.model_path)
@@ -813,6 +814,20 @@ class Frontend:
 
     # --------------------------------------------------------------- disaggregation
 
+    def _check_length(self, attempt: Attempt) -> None:
+        """Refuse a request that cannot fit the context before a prefill worker computes (and holds)
+        its KV for a decode worker that would refuse it; the message is vLLM's."""
+        if not (self.args.max_model_len and self.exact_tokenizer and self.tokenizer is not None):
+            return
+        self._hashes(attempt)
+        prompt = attempt.prompt_tokens
+        wanted = attempt.body.get("max_completion_tokens") or attempt.body.get("max_tokens") or 0
+        if prompt is not None and prompt + wanted > self.args.max_model_len:
+            raise ApiError(400, f"This model's maximum context length is {self.args.max_model_len} tokens. However, "
+                                f"you requested {prompt + wanted} tokens ({prompt} in the messages, {wanted} in the "
+                                "completion). Please reduce the length of the messages or completion.",
+                           param="max_tokens" if wanted else "messages")
+
     async def _maybe_prefill(self, attempt: Attempt) -> dict | None:
         """Run the prefill step of the backend's protocol; return the fields the decode request needs.
 
@@ -825,6 +840,7 @@ class Frontend:
                 self.m_disagg.labels("no_prefill_worker").inc()
             return None
         self.prefill_seen = True
+        self._check_length(attempt)
         if self.args.disagg_threshold:
             hashes = self._hashes(attempt)
             overlap = 0
@@ -1105,6 +1121,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              "routing (the built-in tokenizer if unset) and exact prompt counts after a migration "
                              "(estimated from the continuation if unset).")
     parser.add_argument("--block-size", type=int, default=16)
+    parser.add_argument("--max-model-len", type=int, default=None,
+                        help="The workers' context length: a disaggregated request that cannot fit is refused "
+                             "before its prefill (needs --model-path for exact counts).")
     parser.add_argument("--router-mode", default="round_robin", choices=["round_robin", "random", "least_loaded", "kv"])
     parser.add_argument("--router-timeout", type=float, default=0.1, help="Seconds to wait for the KV router.")
     parser.add_argument("--router-embedded", action="store_true",

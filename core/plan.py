@@ -417,6 +417,7 @@ def build_plan(
             "--namespace", namespace,
             "--model", profile.model.name, "--router-mode", router.mode,
             "--block-size", str(profile.model.block_size), "--migration-limit", str(fe.migration_limit),
+            *(["--max-model-len", str(profile.model.max_model_len)] if profile.model.max_model_len else []),
             "--max-body-mb", f"{fe.max_body_mb:g}",
             "--router-timeout", f"{router.timeout:g}",
             "--drain-timeout", f"{_drain_timeout(fe.grace_period):g}",

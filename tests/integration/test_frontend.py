@@ -426,6 +426,23 @@ def test_disaggregated_output_equals_aggregated_output(tmp_path, serve):
     assert metric(prefill_url, "vllm:prompt_tokens_total") >= disagg.usage.prompt_tokens
 
 
+def test_a_disaggregated_request_too_long_for_the_context_is_refused_before_its_prefill(tmp_path, serve):
+    profile = Path(mocker_profile(tmp_path, workers="""\
+        prefill: {role: prefill, replicas: 1, args: {speedup-ratio: 10}}
+        decode: {role: decode, replicas: 1, args: {speedup-ratio: 10}}
+        """))
+    profile.write_text(profile.read_text().replace("block_size: 16}", "block_size: 16, max_model_len: 512}"))
+    state = serve(profile).wait_ready(60)
+    prefill_url = state["processes"]["prefill-0"]["url"]
+    too_long = httpx.post(state["endpoint"] + "/v1/completions", timeout=30,
+                          json={"model": MODEL, "prompt": "tea " * 40, "max_tokens": 9000})
+    assert too_long.status_code == 400 and too_long.json()["error"]["param"] == "max_tokens"
+    assert "maximum context length is 512 tokens" in too_long.json()["error"]["message"]
+    assert metric(prefill_url, "vllm:prompt_tokens_total") == 0  # no prefill was computed (nor held) for it
+    fits = client(state).completions.create(model=MODEL, prompt="tea " * 40, max_tokens=8)
+    assert fits.usage.completion_tokens == 8 and metric(prefill_url, "vllm:prompt_tokens_total") > 0
+
+
 def test_client_disconnect_cancels_the_upstream_request(tmp_path, serve):
     profile = mocker_profile(tmp_path, workers="""\
         w: {replicas: 1, args: {speedup-ratio: 1}}
