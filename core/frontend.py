@@ -371,7 +371,8 @@ class Frontend:
         self.router_client = None  # set in start() for router mode kv (core/router_client.py)
         self.nc = None
         self.upstream: UpstreamPool | None = None
-        self.closing: str | None = None  # why requests are refused and streams ended: shutting down
+        self.draining = False  # shutting down: new requests are refused, those in flight go on
+        self.closing: str | None = None  # ... until the drain ends: why the rest end now, not tried again
         self.tokenizer = None
         self.exact_tokenizer = args.model_path is not None  # the workers' own tokenizer: exact prompt counts
         self.suspect: dict[tuple, float] = {}  # worker incarnation -> until when it is avoided
@@ -490,14 +491,15 @@ class Frontend:
         """Shutting down (the listening socket is closed already): new requests get 503; those in
         flight have ``timeout`` seconds to finish, then each ends with an OpenAI-style error (a
         stream with an error event) instead of being cut when the supervisor's SIGKILL comes."""
-        self.closing = "the server is shutting down"
+        self.draining = True
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         while self.m_inflight.value > 0 and loop.time() < deadline:
             await asyncio.sleep(0.05)
+        self.closing = "the server is shutting down"
         if self.m_inflight.value > 0 and self.upstream is not None:
-            self.upstream.abort_all(self.closing)
-            deadline = loop.time() + 1.0
+            self.upstream.abort_all(self.closing)  # and it refuses any request sent from now on
+            deadline = loop.time() + 0.5
             while self.m_inflight.value > 0 and loop.time() < deadline:
                 await asyncio.sleep(0.02)
 
@@ -539,6 +541,8 @@ class Frontend:
         """While worker ``key`` is out of rotation, its stuck requests move, checked twice a second:
         a stream may fall silent only after its worker left (a freeze is noticed within a probe)."""
         for _ in range(int(MOVE_STUCK_FOR / 0.5)):
+            if self.closing:
+                return  # shutting down: workers leave as the run stops; the drain ends what is left
             self.upstream.abort_stuck(url, f"worker {key} left rotation", STALLED_SECONDS)
             if not self.upstream.busy(url):
                 return
@@ -591,8 +595,8 @@ class Frontend:
         kind, status = "unknown", "500"  # the request type is known once the body is read
         self.m_inflight.inc()
         try:
-            if self.closing:
-                raise ApiError(503, self.closing, "service_unavailable", retry_after=1)
+            if self.draining:
+                raise ApiError(503, "the server is shutting down", "service_unavailable", retry_after=1)
             self._check_key(request)
             try:
                 raw = await request.read()
@@ -673,7 +677,7 @@ class Frontend:
         migrations = 0
         again: Counter | None = None  # what the next attempt is: a retry or a migration
         while True:
-            if self.closing:
+            if self.closing and again is not None:  # admitted before the stop, failed since: not tried again
                 if response is None:
                     raise ApiError(503, self.closing, "service_unavailable", retry_after=1)
                 await self._stream_error(response, self.closing, "service_unavailable", 503)
@@ -710,6 +714,7 @@ class Frontend:
             # the stream broke midway
             response = result
             if self.closing:
+                again = self.m_migrations
                 continue  # ended above with the reason, not moved
             self.suspect[_incarnation(worker)] = time.monotonic() + SUSPECT_SECONDS
             if migrations >= self.args.migration_limit or not self._can_continue(attempt):
@@ -722,7 +727,7 @@ class Frontend:
     async def _replacement(self, attempt: Attempt) -> Instance | None:
         """No worker is left to try: wait a little for one to (re)join, as a restarted worker does."""
         deadline = time.monotonic() + REPLACEMENT_WAIT
-        while (left := deadline - time.monotonic()) > 0:
+        while not self.closing and (left := deadline - time.monotonic()) > 0:
             if self._discovery_changed is None or self._discovery_changed.done():
                 self._discovery_changed = asyncio.get_running_loop().create_future()
             try:
@@ -821,8 +826,10 @@ class Frontend:
             return
         self._hashes(attempt)
         prompt = attempt.prompt_tokens
-        wanted = attempt.body.get("max_completion_tokens") or attempt.body.get("max_tokens") or 0
-        if prompt is not None and prompt + wanted > self.args.max_model_len:
+        wanted = int(attempt.body.get("max_completion_tokens") or attempt.body.get("max_tokens") or 0)
+        if not wanted and not attempt.path.endswith("chat/completions"):
+            wanted = 16  # vLLM's default for completions (chat's is what the context leaves)
+        if prompt is not None and (prompt + wanted > self.args.max_model_len or prompt >= self.args.max_model_len):
             raise ApiError(400, f"This model's maximum context length is {self.args.max_model_len} tokens. However, "
                                 f"you requested {prompt + wanted} tokens ({prompt} in the messages, {wanted} in the "
                                 "completion). Please reduce the length of the messages or completion.",
@@ -1162,7 +1169,7 @@ def main(argv: list[str] | None = None) -> None:
 
     async def serve() -> None:
         runner = web.AppRunner(frontend.app(), access_log=None, handle_signals=False, handler_cancellation=True,
-                               shutdown_timeout=1.0)  # drained already
+                               shutdown_timeout=0.5)  # drained already
         await runner.setup()
         site = web.TCPSite(runner, args.host, args.port, reuse_address=True, backlog=1024)
         try:

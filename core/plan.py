@@ -484,7 +484,7 @@ def check_ports(plan: Plan) -> None:
 def _drain_timeout(grace_period: float) -> float:
     """How long the frontend lets requests finish on SIGTERM: most of its grace period, keeping a
     margin to end the rest with an error before the SIGKILL."""
-    return round(max(grace_period - max(1.0, grace_period / 5), 0.0), 2)
+    return round(max(grace_period - max(1.5, grace_period / 5), 0.0), 2)
 
 
 def check_engine_argvs(plan: Plan) -> None:

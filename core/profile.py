@@ -460,8 +460,8 @@ def apply_override(data: dict, assignment: str, sources: SourceMap, env: Mapping
             raw = expand_vars(raw, os.environ if env is None else env)
         except KeyError as exc:
             name = exc.args[0]
-            raise ProfileError([f"--set {key}: ${{{name}}} is not set; export {name}=... or write "
-                                f"${{{name}:-default}}"]) from None
+            raise ProfileError([f"--set {key}: ${{{name}}} is not set; export {name}=..., write "
+                                f"${{{name}:-default}}, or $${{{name}}} for a literal ${{{name}}}"]) from None
     parts = [p for p in key.strip().split(".")]
     if not all(parts):
         raise ProfileError([f"--set {assignment}: empty key in {key!r}"])

@@ -258,7 +258,9 @@ def link_run(run: RunDir, home: Path | None = None) -> None:
             if entry.is_symlink() and not entry.exists():
                 entry.unlink(missing_ok=True)
         if link.is_symlink():
-            link.unlink()  # an earlier run elsewhere under the same name: the newest one wins
+            if RunDir(link.resolve()).is_active():
+                return  # another live run of this name keeps it; this one is reachable by its path
+            link.unlink()  # an earlier, finished run elsewhere under the same name
         elif link.exists():
             return  # a run of this name lives in the home itself; this one is reachable by its path
         link.symlink_to(run.path, target_is_directory=True)

@@ -206,7 +206,8 @@ class Supervisor:
                 self._lifecycle(comp, "ready", f"ready after {took:.2f}s")
                 await self._register(comp)
                 outcome = await self._watch(comp)
-                await self._deregister(comp)
+                if not self.stop_requested:  # on a stop, workers leave discovery after the frontend drained
+                    await self._deregister(comp)
             if self.stop_requested:
                 return
             failed_probe = outcome in ("timeout", "unhealthy")
@@ -441,9 +442,9 @@ class Supervisor:
         self.status = "stopping"
         self._write_state()
         t0 = time.time()
-        if self.discovery is not None:
-            await self.discovery.close()  # workers leave discovery before they stop (bounded if NATS is gone)
-        for stage in reversed(STAGES):
+        for stage in reversed(STAGES):  # the frontend first: it drains while the workers still serve
+            if stage == "worker" and self.discovery is not None:
+                await self.discovery.close()  # workers leave discovery before they stop (bounded if NATS is gone)
             comps = [c for c in self.components if c.spec.kind == stage and c.proc is not None]
             await asyncio.gather(*(self._terminate(c, final=True) for c in comps))
         for comp in self.components:

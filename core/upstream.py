@@ -388,6 +388,7 @@ class UpstreamPool:
         self._targets: dict[str, tuple[str, int, bytes]] = {}
         self._busy: dict[str, set[_Connection]] = {}  # connections carrying a request, per worker
         self._closed = False
+        self._refusing: str | None = None  # why new requests fail at once (after abort_all)
 
     def _target(self, base_url: str) -> tuple[str, int, bytes]:
         target = self._targets.get(base_url)
@@ -407,6 +408,8 @@ class UpstreamPool:
         ``movable``: :meth:`abort_stuck` may give up on it while the worker has not answered;
         ``migratable``: also once answered, if it falls silent (a stream that can continue elsewhere).
         """
+        if self._refusing:
+            raise UpstreamAborted(self._refusing)
         host, port, host_line = self._target(base_url)
         extra = "".join(f"{k}: {v}\r\n" for k, v in headers.items()) if headers else ""
         request = b"".join((f"{method} {path} HTTP/1.1\r\n".encode("latin-1"), host_line,
@@ -475,7 +478,9 @@ class UpstreamPool:
         return aborted
 
     def abort_all(self, reason: str) -> int:
-        """End every request in flight with :class:`UpstreamAborted` (shutting down); returns how many."""
+        """End every request in flight with :class:`UpstreamAborted`, and refuse any sent from now on
+        (shutting down); returns how many were in flight."""
+        self._refusing = reason
         conns = [conn for busy in self._busy.values() for conn in busy if conn._error is None and not conn._complete]
         for conn in conns:
             conn._fail(UpstreamAborted(reason))

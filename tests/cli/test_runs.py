@@ -91,7 +91,7 @@ def test_stop_of_a_dead_run_spares_processes_that_only_reuse_recorded_pids(tmp_p
         now = time.time()
         (run_dir / "state.json").write_text(json.dumps({
             "run_id": "crashed", "profile": "x", "status": "ready", "supervisor_pid": dead.pid,
-            "supervisor_started": now - 600, "started_at": now - 600, "updated_at": now - 500,
+            "supervisor_started": now - 600, "started_at": now - 600, "updated_at": now + 5,  # w-1's timing fits
             "processes": {
                 # a process recorded ten minutes ago: the live one under its pid started just now
                 "w-0": {"kind": "worker", "status": "ready", "pid": others[0].pid, "started_at": now - 600,
@@ -113,7 +113,8 @@ def test_stop_of_a_dead_run_spares_processes_that_only_reuse_recorded_pids(tmp_p
             proc.wait()
 
 
-def test_a_run_in_its_own_run_dir_is_found_from_its_home_and_its_hints_work_from_anywhere(tmp_path):
+def test_a_run_in_its_own_run_dir_is_found_from_its_home_and_its_hints_work_from_anywhere(tmp_path, monkeypatch):
+    monkeypatch.delenv("DYNAMO_HOME", raising=False)  # the commands run below inherit the environment
     profile = fake_profile(tmp_path, replicas=1)
     home, elsewhere = tmp_path / "project", tmp_path / "elsewhere"
     home.mkdir()

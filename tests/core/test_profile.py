@@ -190,7 +190,8 @@ def test_set_values_expand_variables_as_the_profile_does():
     assert loaded.profile.frontend.api_key == "sekret" and loaded.profile.model.name == "m-x-$1"
     with pytest.raises(ProfileError) as info:
         parse_profile(MINIMAL, overrides=["frontend.api_key=${MISSING}"], env=env)
-    assert str(info.value) == "--set frontend.api_key: ${MISSING} is not set; export MISSING=... or write ${MISSING:-default}"
+    assert str(info.value) == ("--set frontend.api_key: ${MISSING} is not set; export MISSING=..., write "
+                               "${MISSING:-default}, or $${MISSING} for a literal ${MISSING}")
 
 
 def test_errors_read_in_yaml_terms_not_python_ones():

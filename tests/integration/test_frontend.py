@@ -365,7 +365,7 @@ def test_health_is_503_while_no_worker_can_serve_and_recovers(tmp_path, serve):
 def test_a_request_arriving_while_the_only_worker_restarts_waits_for_it(tmp_path, serve):
     profile = Path(mocker_profile(tmp_path, workers="w: {replicas: 1, args: {speedup-ratio: 0}, readiness_probe: "
                                                      "{period: 0.2s, timeout: 0.5s, failure_threshold: 40}}\n"))
-    profile.write_text(profile.read_text().replace("initial: 0.2s", "initial: 1s"))  # a restart takes ~1.5 s
+    profile.write_text(profile.read_text().replace("initial: 0.2s", "initial: 0.5s"))  # a restart takes ~1 s
     run = serve(profile)
     state = run.wait_ready(60)
     os.kill(state["processes"]["w-0"]["pid"], signal.SIGKILL)
@@ -615,3 +615,26 @@ def test_stopping_lets_short_streams_finish_and_ends_long_ones_with_an_error_eve
     error = json.loads(long[-2].removeprefix("data: "))["error"]
     assert error["type"] == "service_unavailable" and "shutting down" in error["message"]
     assert "SIGKILL" not in run.text()
+
+
+def test_stopping_lets_a_stream_still_in_its_long_prefill_finish(tmp_path, serve):
+    # silent for ~3.5 s (its prefill): when workers left discovery first, it was taken for stuck and cut
+    profile = Path(mocker_profile(tmp_path, workers="w: {replicas: 1, args: {speedup-ratio: 0.02}}\n"))
+    profile.write_text(profile.read_text().replace("frontend: {port: 0}", "frontend: {port: 0, grace_period: 8s}"))
+    run = serve(profile)
+    state = run.wait_ready(60)
+    lines: list[str] = []
+
+    def ask() -> None:
+        with httpx.stream("POST", state["endpoint"] + "/v1/completions", timeout=30, json={
+                "model": MODEL, "prompt": "a long document " * 300, "max_tokens": 2, "stream": True}) as reply:
+            lines.extend(line for line in reply.iter_lines() if line.startswith("data:"))
+
+    asking = threading.Thread(target=ask)
+    asking.start()
+    run.wait_for(lambda: metric(state["processes"]["w-0"]["url"], "vllm:num_requests_running") >= 1, 10,
+                 "the prefill running")
+    run.proc.send_signal(signal.SIGTERM)  # as dynamo stop does
+    asking.join(30)
+    assert lines[-1] == "data: [DONE]" and sum('"text"' in line for line in lines) == 2, lines
+    assert run.wait_exit(30) == 0
