@@ -4,14 +4,19 @@ from __future__ import annotations
 
 import functools
 import json
+import os
+import re
 from pathlib import Path
-from typing import Callable, List, Optional
+from typing import TYPE_CHECKING, Callable, List, Optional
 
 import typer
 
 from dynamo.cli.helptext import reflow_help
 from dynamo.core.errors import UsageError
 from dynamo.core.text import quantity
+
+if TYPE_CHECKING:
+    from rich.console import Console
 
 app = typer.Typer(
     name="dynamo",
@@ -33,6 +38,24 @@ def fail(message: str, code: int = 2) -> None:
     for line in lines[1:]:
         typer.secho(f"error: {line}", fg="red", err=True)
     raise typer.Exit(code)
+
+
+WIDE_COLUMNS = 200
+
+
+def make_console(stderr: bool = False, **kwargs) -> Console:
+    """The rich console commands print through.
+
+    Off a terminal (a pipe, a file, CI) rich assumes 80 columns and cuts table cells, run ids and
+    numbers to fit, with an ellipsis; there the console is WIDE_COLUMNS wide instead, so nothing a
+    user copies or reads is cut ($COLUMNS, when set, still decides).
+    """
+    from rich.console import Console
+
+    console = Console(stderr=stderr, **kwargs)
+    if "width" not in kwargs and not console.is_terminal and not os.environ.get("COLUMNS"):
+        console.width = WIDE_COLUMNS
+    return console
 
 
 def write_output(text: str, output: Path | None) -> None:
@@ -229,8 +252,19 @@ def profile_list() -> None:
     from dynamo.core.profile import SHIPPED_PROFILES_DIR
 
     for path in sorted(SHIPPED_PROFILES_DIR.glob("*.yaml")):
-        first = next((line[1:].strip() for line in path.read_text().splitlines() if line.startswith("#")), "")
-        typer.echo(f"{path.stem:<20} {first}")
+        typer.echo(f"{path.stem:<20} {_first_sentence(path.read_text())}")
+
+
+def _first_sentence(text: str) -> str:
+    """The first sentence of a profile's leading comment, which may run over several lines."""
+    lines = []
+    for line in text.splitlines():
+        if not line.startswith("#"):
+            break
+        lines.append(line[1:].strip())
+    comment = " ".join(lines)
+    end = re.search(r"[.!?](\s|$)", comment)
+    return comment[: end.start() + 1] if end else comment
 
 
 reflow_help(app)

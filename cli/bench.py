@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import math
+import os
 import random
 import re
+import signal
 import sys
 from pathlib import Path
 from typing import List, Optional
@@ -92,6 +95,68 @@ def _fail(message: str, code: int = 2) -> None:
     raise typer.Exit(code)
 
 
+class _Interrupted(Exception):
+    """SIGINT or SIGTERM arrived before the benchmark finished."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+class _StopSignals:
+    """SIGINT and SIGTERM while ``dynamo bench`` runs (a context manager).
+
+    The first one stops the benchmark: while the load runs it cancels the event loop's main task
+    (which cancels every request in flight), anywhere else it raises :class:`_Interrupted`. Once
+    :meth:`hold` is called (the served run is being stopped) signals only say to wait: cutting
+    ``dynamo stop`` short is what would leave the run behind.
+    """
+
+    def __init__(self) -> None:
+        self.received: int | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._task: asyncio.Task | None = None
+        self._holding = False
+        self._previous: dict = {}
+
+    def __enter__(self) -> "_StopSignals":
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, previous in self._previous.items():
+            signal.signal(sig, previous)
+
+    def _handle(self, signum: int, frame) -> None:
+        if self._holding:
+            os.write(2, b"still stopping the served run: wait for it (it stops every process of the run)\n")
+            return
+        if self.received is not None:
+            return
+        self.received = signum
+        if self._task is None:
+            raise _Interrupted(signum)
+        try:
+            self._loop.call_soon_threadsafe(self._task.cancel)
+        except RuntimeError:  # the loop has just closed: loop_done() raises instead
+            pass
+
+    async def guard(self, coro):
+        """Await ``coro`` as the task a signal cancels."""
+        self._loop, self._task = asyncio.get_running_loop(), asyncio.current_task()
+        return await coro
+
+    def loop_done(self) -> None:
+        """The event loop is over: from now on a signal raises; one that came during it raises now."""
+        self._task = None
+        if self.received is not None:
+            raise _Interrupted(self.received)
+
+    def hold(self) -> None:
+        self._holding = True
+
+
 def _split_list(values: Optional[List[str]], what: str, parse) -> list:
     out = []
     for v in values or []:
@@ -153,8 +218,9 @@ def bench(
                                             "tokenizer.json (or a hub id): sizes prompts exactly and "
                                             "recounts outputs. Without it lengths are approximate and "
                                             "counts come from the server's usage.", rich_help_panel=P_TARGET),
-    api_key: Optional[str] = typer.Option(None, "--api-key", envvar="OPENAI_API_KEY", show_envvar=True,
-                                          help="Bearer token.", rich_help_panel=P_TARGET),
+    api_key: Optional[str] = typer.Option(None, "--api-key", envvar=["DYNAMO_API_KEY", "OPENAI_API_KEY"],
+                                          show_envvar=True, help="Bearer token: the key the frontend requires "
+                                          "(its frontend.api_key).", rich_help_panel=P_TARGET),
     ready_timeout: float = typer.Option(120.0, "--ready-timeout", help="Seconds to wait for /v1/models and "
                                         "a one-token request to succeed before the load starts.",
                                         rich_help_panel=P_TARGET),
@@ -192,30 +258,30 @@ def bench(
                                            "--dataset when omitted.", rich_help_panel=P_WORK),
     dataset: Optional[Path] = typer.Option(None, "--dataset", help="ShareGPT JSON file or mooncake trace "
                                            "JSONL.", rich_help_panel=P_WORK),
-    input_len: int = typer.Option(512, "--input-len", min=1, help="Prompt tokens (synthetic; per question "
-                                  "for shared-prefix; per user turn for multi-turn).", rich_help_panel=P_WORK),
-    input_len_std: float = typer.Option(0.0, "--input-len-std", min=0, help="Standard deviation of "
-                                        "--input-len (normal, clipped at 1).", rich_help_panel=P_WORK),
-    output_len: Optional[int] = typer.Option(None, "--output-len", min=1, help="Output tokens asked for "
-                                             "(default 128; for sharegpt: the reference reply's length).",
+    input_len: int = typer.Option(512, "--input-len", min=1, metavar="N", help="Prompt tokens (synthetic; per "
+                                  "question for shared-prefix; per user turn for multi-turn).", rich_help_panel=P_WORK),
+    input_len_std: float = typer.Option(0.0, "--input-len-std", min=0, metavar="N", help="Standard deviation "
+                                        "of --input-len (normal, clipped at 1).", rich_help_panel=P_WORK),
+    output_len: Optional[int] = typer.Option(None, "--output-len", min=1, metavar="N", help="Output tokens asked "
+                                             "for (default 128; for sharegpt: the reference reply's length).",
                                              rich_help_panel=P_WORK),
-    output_len_std: float = typer.Option(0.0, "--output-len-std", min=0, help="Standard deviation of "
-                                         "--output-len.", rich_help_panel=P_WORK),
-    prefix_groups: int = typer.Option(8, "--prefix-groups", min=1, help="shared-prefix: number of groups.",
-                                      rich_help_panel=P_WORK),
-    prompts_per_group: int = typer.Option(16, "--prompts-per-group", min=1, help="shared-prefix: prompts "
-                                          "per group.", rich_help_panel=P_WORK),
-    shared_prefix_len: int = typer.Option(1024, "--shared-prefix-len", min=0, help="shared-prefix: tokens "
-                                          "shared by a group.", rich_help_panel=P_WORK),
-    turns: int = typer.Option(4, "--turns", min=1, help="multi-turn: user turns per conversation (each "
-                              "carries the whole history; --request-rate then starts conversations).",
+    output_len_std: float = typer.Option(0.0, "--output-len-std", min=0, metavar="N", help="Standard deviation "
+                                         "of --output-len.", rich_help_panel=P_WORK),
+    prefix_groups: int = typer.Option(8, "--prefix-groups", min=1, metavar="N", help="shared-prefix: number of "
+                                      "groups.", rich_help_panel=P_WORK),
+    prompts_per_group: int = typer.Option(16, "--prompts-per-group", min=1, metavar="N", help="shared-prefix: "
+                                          "prompts per group.", rich_help_panel=P_WORK),
+    shared_prefix_len: int = typer.Option(1024, "--shared-prefix-len", min=0, metavar="N", help="shared-prefix: "
+                                          "tokens shared by a group.", rich_help_panel=P_WORK),
+    turns: int = typer.Option(4, "--turns", min=1, metavar="N", help="multi-turn: user turns per conversation "
+                              "(each carries the whole history; --request-rate then starts conversations).",
                               rich_help_panel=P_WORK),
-    turn_delay: float = typer.Option(0.0, "--turn-delay", min=0, help="multi-turn: seconds between a reply "
-                                     "and the next turn.", rich_help_panel=P_WORK),
-    trace_block_size: int = typer.Option(512, "--trace-block-size", min=1, help="trace: tokens per hash id.",
-                                         rich_help_panel=P_WORK),
-    trace_speedup: float = typer.Option(1.0, "--trace-speedup", help="trace: replay this many times faster.",
-                                        rich_help_panel=P_WORK),
+    turn_delay: float = typer.Option(0.0, "--turn-delay", min=0, metavar="SEC", help="multi-turn: seconds "
+                                     "between a reply and the next turn.", rich_help_panel=P_WORK),
+    trace_block_size: int = typer.Option(512, "--trace-block-size", min=1, metavar="N", help="trace: tokens per "
+                                         "hash id.", rich_help_panel=P_WORK),
+    trace_speedup: float = typer.Option(1.0, "--trace-speedup", metavar="FACTOR", help="trace: replay this many "
+                                        "times faster.", rich_help_panel=P_WORK),
     stream: bool = typer.Option(True, "--stream/--no-stream", help="Stream responses (needed for TTFT and "
                                 "ITL).", rich_help_panel=P_WORK),
     ignore_eos: bool = typer.Option(True, "--ignore-eos/--no-ignore-eos", help="Send ignore_eos and "
@@ -261,8 +327,7 @@ def bench(
 
 
 def _run(**o) -> int:
-    from rich.console import Console
-
+    from dynamo.cli.app import make_console
     from dynamo.core.bench import workloads as wl
     from dynamo.core.bench.client import ServerNotReady
     from dynamo.core.bench.metrics import parse_goodput
@@ -341,8 +406,8 @@ def _run(**o) -> int:
     else:
         points = [LoadPoint(concurrency=1)]
 
-    err = Console(stderr=True, highlight=False)
-    out = Console(highlight=False)
+    err = make_console(stderr=True, highlight=False)
+    out = make_console(highlight=False)
     if tok is None:
         err.print("note: no --tokenizer: prompt lengths are approximate and token counts come from the "
                   "server's usage only")
@@ -368,27 +433,39 @@ def _run(**o) -> int:
                 stats=stats, on_point=display.point_done)
 
     served: Optional[ServedProfile] = None
-    try:
-        if o["profile"]:
-            served = ServedProfile(o["profile"], o["serve_args"] or [],
-                                   run_dir=(o["output_dir"] / "serve-run") if o["output_dir"] else None)
-            err.print(f"serving {o['profile']} (run dir {served.run_dir}) ...")
-            target = served.start()
-            err.print(f"endpoint {target}")
-        else:
-            target = o["url"]
-        result = run_async(go(target))
-    except ServeFailed as exc:
-        _fail(str(exc), 1)
-    except ServerNotReady as exc:
-        _fail(str(exc), 1)
-    except KeyboardInterrupt:
-        _fail("interrupted", 130)
-    finally:
-        if served is not None:
-            warning = served.stop()
-            if warning:
-                err.print(f"warning: {warning}")
+    failed = True  # a temporary run directory of --profile is kept (for its logs) only after a failure
+    signals = _StopSignals()
+    with signals:
+        try:
+            if o["profile"]:
+                served = ServedProfile(o["profile"], o["serve_args"] or [],
+                                       run_dir=(o["output_dir"] / "serve-run") if o["output_dir"] else None)
+                err.print(f"serving {o['profile']} (run dir {served.run_dir}) ...")
+                target = served.start()
+                err.print(f"endpoint {target}")
+            else:
+                target = o["url"]
+            try:
+                result = run_async(signals.guard(go(target)))
+            finally:
+                signals.loop_done()
+            failed = not any(p.summary["completed"] for p in result.points)
+        except (ServeFailed, ServerNotReady) as exc:
+            _fail(str(exc), 1)
+        except UsageError:
+            failed = False  # the message says what to change; there is nothing to read in the logs
+            raise
+        except (_Interrupted, asyncio.CancelledError):
+            if signals.received is None:
+                raise
+            failed = False
+            name = signal.Signals(signals.received).name
+            err.print(f"{name}: stopping the benchmark" + (" and the served run ..." if served else ""))
+            _fail(f"interrupted by {name} before the benchmark finished", 128 + signals.received)
+        finally:
+            signals.hold()
+            if served is not None:
+                _stop_served(served, err, failed)
 
     doc = result_to_dict(result, config)
     written: list[Path] = []
@@ -424,6 +501,19 @@ def _run(**o) -> int:
     return 0
 
 
+def _stop_served(served, err, failed: bool) -> None:
+    """Stop the run of --profile; remove its temporary directory unless its logs may be needed."""
+    warning = served.stop()
+    if warning:
+        err.print(f"warning: {warning}")
+    if not served.temporary:
+        return
+    if failed or warning:
+        err.print(f"the served run's logs are in {served.run_dir / 'logs'} (dynamo logs {served.run_dir})")
+    else:
+        served.remove()
+
+
 @app.command("compare")
 def compare(
     dir_a: Path = typer.Argument(..., help="Output directory (or results.json) of run A."),
@@ -431,8 +521,7 @@ def compare(
     as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
 ) -> None:
     """Print two benchmark results side by side with the ratio B/A, load point by load point."""
-    from rich.console import Console
-
+    from dynamo.cli.app import make_console
     from dynamo.core.bench.compare import compare_results, compare_tables
 
     try:
@@ -442,7 +531,7 @@ def compare(
     if as_json:
         sys.stdout.write(json.dumps(data, indent=2) + "\n")
         return
-    console = Console(highlight=False)
+    console = make_console(highlight=False)
     for table in compare_tables(data):
         console.print(table)
 

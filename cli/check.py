@@ -31,6 +31,9 @@ def check(
     url: Optional[str] = typer.Option(
         None, "--url", metavar="URL", help="Check this OpenAI-compatible endpoint instead of the newest active run."),
     run: Optional[str] = typer.Option(None, "--run", metavar="RUN", help="Check this run (id, unique prefix or directory)."),
+    api_key: Optional[str] = typer.Option(None, "--api-key", envvar=["DYNAMO_API_KEY", "OPENAI_API_KEY"],
+                                          show_envvar=True, help="Bearer token for --url or the run's frontend "
+                                          "(its frontend.api_key)."),
     no_color: bool = typer.Option(False, "--no-color", help="Plain output."),
 ) -> None:
     """Check this machine, a profile and the live run: drivers, GPUs, stale engines, ports, NATS, engines.
@@ -41,7 +44,8 @@ def check(
     Finishes in under 3 seconds.
     """
     try:
-        code = _check(profile, as_json, strict, only, overrides, backend, assume_gpus, node, url, run, no_color)
+        code = _check(profile, as_json, strict, only, overrides, backend, assume_gpus, node, url, run, no_color,
+                      api_key)
     except UsageError as exc:
         for line in str(exc).splitlines() or [str(exc)]:
             typer.secho(f"error: {line}", fg="red", err=True)
@@ -49,7 +53,8 @@ def check(
     raise typer.Exit(code)
 
 
-def _check(profile, as_json, strict, only, overrides, backend, assume_gpus, node, url, run, no_color) -> int:
+def _check(profile, as_json, strict, only, overrides, backend, assume_gpus, node, url, run, no_color,
+           api_key=None) -> int:
     from dynamo.core.check.context import CheckOptions
     from dynamo.core.check.runner import parse_sections, run_checks
 
@@ -59,7 +64,8 @@ def _check(profile, as_json, strict, only, overrides, backend, assume_gpus, node
     if url and run:
         raise UsageError("--url and --run both name what to check live: give one")
     options = CheckOptions(profile=profile, overrides=tuple(overrides or ()), backend=backend,
-                           assume_gpus=assume_gpus, node=node, url=url, run=run, cli_startup=_startup_seconds())
+                           assume_gpus=assume_gpus, node=node, url=url, run=run, api_key=api_key,
+                           cli_startup=_startup_seconds())
     report = run_checks(options, sections, strict=strict)
     if as_json:
         typer.echo(json.dumps(report.to_dict(), indent=2, default=str))

@@ -11,7 +11,6 @@ import time
 from pathlib import Path
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
 from dynamo.core import proctree
@@ -44,7 +43,9 @@ def _uptime(seconds: float | None) -> str:
 
 
 def ps(run: str | None, as_json: bool, all_runs: bool) -> None:
-    console = Console()
+    from dynamo.cli.app import make_console  # (cli.app imports this module)
+
+    console = make_console()
     if all_runs:
         runs = list_runs()
         rows = [{"run": r.id, "status": run_status(s := r.read_state()), "profile": s.get("profile"),

@@ -19,7 +19,10 @@ from typing import Any
 import aiohttp
 import msgspec
 
-__all__ = ["RequestRecord", "EndpointClient", "ServerInfo", "normalize_base_url", "make_session"]
+from dynamo.core.errors import UsageError
+
+__all__ = ["RequestRecord", "EndpointClient", "ServerInfo", "ServerNotReady", "ServerRefused", "normalize_base_url",
+           "make_session"]
 
 
 class _Delta(msgspec.Struct):
@@ -333,6 +336,9 @@ class EndpointClient:
                         if models or model:
                             break
                         last = "/v1/models lists no model"
+                    elif resp.status in (401, 403):
+                        body = (await resp.read())[:1000].decode("utf-8", "replace")
+                        raise ServerRefused(self._refused("GET /v1/models", resp.status, body))
                     else:
                         last = f"/v1/models answered HTTP {resp.status}"
             except (aiohttp.ClientError, OSError, asyncio.TimeoutError, ValueError) as exc:
@@ -352,13 +358,30 @@ class EndpointClient:
                 last = f"{rec.error}: {rec.error_detail}"
                 if rec.status not in (400, 422):
                     break
+            if rec.status in (401, 403):
+                raise ServerRefused(self._refused("a one-token request", rec.status, rec.error_detail or ""))
+            if rec.status is not None and 400 <= rec.status < 500 and models and self.model not in models:
+                reason = _error_message(rec.error_detail or "")
+                raise ServerRefused(f"model {self.model!r} is not served at {self.base_url} (a one-token request "
+                                    f"answered HTTP {rec.status}" + (f": {reason}" if reason else "") + "); "
+                                    f"it serves {', '.join(models)}: choose one with --model, or leave --model out")
             if rec.status is not None and 400 <= rec.status < 500 and rec.status not in (408, 429):
-                hint = " (a server without vLLM extensions may need --no-ignore-eos)" if self.ignore_eos else ""
+                hint = (" (a server without vLLM extensions may need --no-ignore-eos)"
+                        if self.ignore_eos and rec.status in (400, 422) else "")
                 raise ServerNotReady(f"a one-token test request to {self.url} failed: {last}{hint}")
             if time.monotonic() > deadline:
                 raise ServerNotReady(f"{self.url} did not answer a one-token request within {timeout:g}s ({last})")
             await asyncio.sleep(0.2)
 
+    def _refused(self, what: str, status: int, body: str) -> str:
+        """The message for a 401/403: no key sent, or the key sent is wrong."""
+        reason = _error_message(body)
+        said = f"{what} answered HTTP {status}" + (f": {reason}" if reason else "")
+        if "Authorization" in self.headers:
+            return (f"{self.base_url} refused the API key ({said}); "
+                    "check --api-key (default $DYNAMO_API_KEY, else $OPENAI_API_KEY)")
+        return (f"{self.base_url} requires an API key ({said}); "
+                "pass it with --api-key KEY or set $DYNAMO_API_KEY")
 
     async def prompt_tokens(self, text: str) -> int | None:
         """The server's prompt token count for ``text`` (one-token request), None if it does not say."""
@@ -367,5 +390,19 @@ class EndpointClient:
         return rec.input_tokens_server if rec.ok else None
 
 
+def _error_message(body: str) -> str:
+    """The ``error.message`` of an OpenAI-style error body, else the body's start."""
+    try:
+        message = msgspec.json.decode(body.encode()).get("error", {}).get("message")
+    except (msgspec.DecodeError, AttributeError):
+        message = None
+    return str(message) if message else body.strip()[:200]
+
+
 class ServerNotReady(Exception):
     """The endpoint did not become ready (readiness check failed)."""
+
+
+class ServerRefused(UsageError):
+    """The endpoint answers but refuses what was asked (no or a wrong API key, a model it does not
+    serve): waiting would not help, the command line must change (exit 2)."""

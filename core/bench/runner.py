@@ -128,6 +128,13 @@ class _PointRun:
         self.issued = 0
         self.t0 = 0.0
         self.cap = asyncio.Semaphore(point.max_concurrency) if point.max_concurrency else None
+        self._tasks: set[asyncio.Task] = set()
+
+    def _spawn(self, coro) -> asyncio.Task:
+        task = asyncio.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
 
     def _time_left(self) -> bool:
         return self.duration is None or time.perf_counter() - self.t0 < self.duration
@@ -209,6 +216,13 @@ class _PointRun:
                 await self._open_loop(sessions)
         finally:
             monitor.cancel()
+            # Interrupted (Ctrl-C, SIGTERM): no user may keep sending, and a cancelled asyncio.wait in
+            # _drain leaves them running; cancel them before the session closes under them.
+            leftover = list(self._tasks)
+            for task in leftover:
+                task.cancel()
+            if leftover:
+                await asyncio.gather(*leftover, return_exceptions=True)
 
     async def _watch_loop(self, period: float = 0.005) -> None:
         """Sample how late the event loop wakes up: when it is busy, every timestamp is late too."""
@@ -225,14 +239,12 @@ class _PointRun:
                     return
                 await self._session(sess, None, turns)
 
-        tasks = [asyncio.create_task(user()) for _ in range(concurrency)]
-        await self._drain(tasks)
+        await self._drain([self._spawn(user()) for _ in range(concurrency)])
 
     async def _open_loop(self, sessions: Iterator[Session]) -> None:
         point = self.point
         rng = random.Random(self.settings.seed)
         gaps = arrival_intervals(point.request_rate or math.inf, point.burstiness, rng) if not point.trace else None
-        tasks: set[asyncio.Task] = set()
         t_sched = 0.0
         t_first: float | None = None
         for n, sess in enumerate(sessions):
@@ -250,10 +262,8 @@ class _PointRun:
             turns = self._take(sess)
             if not turns:
                 break
-            task = asyncio.create_task(self._session(sess, t_sched, turns))
-            tasks.add(task)
-            task.add_done_callback(tasks.discard)
-        await self._drain(list(tasks))
+            self._spawn(self._session(sess, t_sched, turns))
+        await self._drain(list(self._tasks))
 
     async def _drain(self, tasks: list[asyncio.Task]) -> None:
         """Wait for in-flight requests; in duration mode at most the grace period, then cancel."""
@@ -342,7 +352,7 @@ async def run_benchmark(
             ahead = _prebuild_count(point, num, settings.duration)
             if ahead:
                 # Build the prompts before the clock starts so generation never delays sending.
-                rest = iter(list(itertools.islice(sessions, ahead)))
+                rest = iter(await _build_ahead(sessions, ahead))
                 await run.run(itertools.chain(rest, sessions))
                 sessions = itertools.chain(rest, sessions)  # later points never reuse a prompt
             else:
@@ -359,6 +369,19 @@ async def run_benchmark(
         return BenchResult({}, info, results)
     finally:
         await session.close()
+
+
+async def _build_ahead(sessions: Iterator[Session], count: int, batch: int = 500) -> list[Session]:
+    """The next ``count`` sessions, built in batches that yield to the event loop: building tens of
+    thousands of prompts takes seconds, and a Ctrl-C must not wait for it."""
+    built: list[Session] = []
+    while len(built) < count:
+        more = list(itertools.islice(sessions, min(batch, count - len(built))))
+        if not more:
+            break
+        built.extend(more)
+        await asyncio.sleep(0)
+    return built
 
 
 async def _calibrate(client: EndpointClient, maker: Any) -> None:

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import fcntl
 import json
+import os
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 __all__ = ["ServeFailed", "ServedProfile"]
@@ -23,6 +27,7 @@ class ServedProfile:
                  timeout: float = 900.0):
         self.profile = profile
         self.serve_args = list(serve_args or [])
+        self.temporary = run_dir is None  # made here, so removed here (see remove)
         self.run_dir = Path(run_dir) if run_dir else Path(tempfile.mkdtemp(prefix="dynamo-bench-run-"))
         self.timeout = timeout
         self.endpoint: str | None = None
@@ -30,8 +35,10 @@ class ServedProfile:
         self.stop_warning: str | None = None
 
     def _cli(self, *args: str, timeout: float) -> subprocess.CompletedProcess:
+        # In a session of its own: a Ctrl-C at the terminal reaches bench only, which decides (a
+        # `dynamo stop` killed half way would leave the run behind).
         return subprocess.run([sys.executable, "-m", "dynamo.cli.app", *args], capture_output=True, text=True,
-                              stdin=subprocess.DEVNULL, timeout=timeout)
+                              stdin=subprocess.DEVNULL, timeout=timeout, start_new_session=True)
 
     def start(self) -> str:
         """Serve the profile; return the OpenAI endpoint URL."""
@@ -43,7 +50,9 @@ class ServedProfile:
             raise ServeFailed(f"dynamo serve {self.profile} was not ready within {self.timeout:g}s "
                               f"(logs in {self.run_dir})") from None
         if proc.returncode != 0:
-            detail = (proc.stderr.strip() or proc.stdout.strip()).splitlines()[-10:]
+            # our caller prefixes each line with "error: " again
+            detail = [line.removeprefix("error: ")
+                      for line in (proc.stderr.strip() or proc.stdout.strip()).splitlines()[-10:]]
             msg = f"dynamo serve {self.profile} failed (exit {proc.returncode})"
             if proc.returncode == 2:
                 from dynamo.core.errors import UsageError
@@ -63,10 +72,16 @@ class ServedProfile:
         return endpoint
 
     def stop(self) -> str | None:
-        """Stop the run (as ``dynamo stop`` does). Returns a warning instead of raising."""
+        """Stop the run (as ``dynamo stop`` does). Returns a warning instead of raising.
+
+        Also right after an interrupted :meth:`start`: a supervisor that was already on its way is
+        waited for and stopped; when none was started (a bad profile, a port taken) there is nothing to do.
+        """
         if not self._started:
             return None
         self._started = False
+        if not self._supervisor_started():
+            return None
         try:
             proc = self._cli("stop", str(self.run_dir), timeout=180)
         except subprocess.TimeoutExpired:
@@ -76,6 +91,37 @@ class ServedProfile:
             self.stop_warning = f"dynamo stop {self.run_dir} exited {proc.returncode}: {proc.stderr.strip()[-300:]}"
             return self.stop_warning
         return None
+
+    def _supervisor_started(self, wait: float = 15.0) -> bool:
+        """Whether this run has a supervisor to stop; waits (bounded) for one still starting to write its
+        state. ``dynamo serve`` hands its lock on the run directory to the supervisor it starts, so a lock
+        held by someone else (``dynamo serve`` itself has exited by now) is a supervisor."""
+        deadline = time.monotonic() + wait
+        while True:
+            try:
+                if json.loads((self.run_dir / "state.json").read_text()).get("supervisor_pid"):
+                    return True
+            except (OSError, ValueError):
+                pass
+            if not _locked(self.run_dir / "supervisor.lock"):
+                return (self.run_dir / "state.json").exists()
+            if time.monotonic() > deadline:
+                return True  # let dynamo stop say what it finds
+            time.sleep(0.1)
+
+    def remove(self) -> None:
+        """Delete a temporary run directory (and the link ``dynamo serve`` made to it in $DYNAMO_HOME/runs)."""
+        if not self.temporary:
+            return
+        from dynamo.core.rundir import dynamo_home
+
+        link = dynamo_home() / "runs" / self.run_dir.name
+        try:
+            if link.is_symlink() and link.resolve() == self.run_dir.resolve():
+                link.unlink()
+        except OSError:
+            pass
+        shutil.rmtree(self.run_dir, ignore_errors=True)
 
     def __enter__(self) -> "ServedProfile":
         try:
@@ -87,3 +133,18 @@ class ServedProfile:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+def _locked(path: Path) -> bool:
+    """Whether another process holds the flock on ``path`` (False when there is no such file)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+    return False

@@ -32,6 +32,7 @@ class CheckOptions:
     node: str | None = None
     url: str | None = None
     run: str | None = None
+    api_key: str | None = None  # sent to the endpoint as a bearer token (--api-key / $DYNAMO_API_KEY)
     home: Path | None = None  # $DYNAMO_HOME; None means the default
     # Seconds from the `dynamo` process's start to the check command: what importing dynamo
     # costs a user, measured for free. Without it the software section times the import in a child.

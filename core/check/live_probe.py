@@ -36,7 +36,7 @@ def check_url(ctx: CheckContext, out: Results, url: str) -> None:
 
 
 async def check_run(ctx: CheckContext, out: Results, run) -> None:
-    from dynamo.core.rundir import pid_alive
+    from dynamo.core.rundir import DEAD, pid_alive
 
     state = run.read_state()
     plan = _read_plan(run.path)
@@ -46,15 +46,15 @@ async def check_run(ctx: CheckContext, out: Results, run) -> None:
     ref = run_ref(run, ctx.home())
     data = {"run": run.id, "path": str(run.path), "status": status, "supervisor_pid": supervisor}
     if status in ("starting", "ready", "stopping") and not alive:
-        out.error("run", f"run {run.id}: the supervisor (pid {supervisor}) is gone but the state says {status}; "
-                  "its processes may still hold GPUs and ports", f"dynamo stop {ref} (kills what is left)",
-                  **data)
+        out.error("run", f"{run.id} is {DEAD}: pid {supervisor} no longer runs, its state still says {status}; "
+                  "its processes may still hold GPUs and ports",
+                  f"dynamo stop {ref} (kills what is left and marks the run failed)", **data)
         return
     if status not in ("starting", "ready", "stopping"):
         failure = f": {state.get('failure')}" if state.get("failure") else ""
-        out.info("run", f"run {run.id} is {status}{failure}; nothing live to check", **data)
+        out.info("run", f"{run.id} is {status}{failure}; nothing live to check", **data)
         return
-    text = f"run {run.id} ({state.get('profile')}, supervisor pid {supervisor}) is {status}"
+    text = f"{run.id} ({state.get('profile')}, supervisor pid {supervisor}) is {status}"
     if state.get("endpoint"):
         text += f", endpoint {state['endpoint']}"
     if status == "ready":
@@ -72,9 +72,13 @@ async def check_run(ctx: CheckContext, out: Results, run) -> None:
         probes = {name: asyncio.create_task(_probe(session, specs.get(name), proc)) for name, proc in processes.items()}
         discovery = asyncio.create_task(_bounded(_discovery_entries(state.get("nats_url"), namespace),
                                                  ctx.deadline - time.monotonic() - 0.2))
-        answer = (asyncio.create_task(_one_token(session, state["endpoint"], state.get("model"), timeout))
-                  if state.get("endpoint") and status == "ready" else None)
         health = {name: await task for name, task in probes.items()}
+        # a frontend with no worker to serve (its /health 503) would hold the request for a worker to
+        # join, past this check's timeout: its probe already says what is wrong
+        serving = (health.get("frontend") or {}).get("ok") is not False
+        headers = {"Authorization": f"Bearer {ctx.options.api_key}"} if ctx.options.api_key else None
+        answer = (asyncio.create_task(_one_token(session, state["endpoint"], state.get("model"), timeout, headers))
+                  if state.get("endpoint") and status == "ready" and serving else None)
         entries = await discovery
         reply = await answer if answer else None
 
@@ -328,13 +332,13 @@ def _compare_discovery(out: Results, run_id: str, ref: str, namespace: str, work
 # ---------------------------------------------------------------------------- the frontend answers
 
 
-async def _one_token(session, endpoint: str, model: str | None, timeout: float) -> dict:
+async def _one_token(session, endpoint: str, model: str | None, timeout: float, headers: dict | None = None) -> dict:
     """POST a one-token completion; {"ok", "ms", "status", "detail"}."""
     url = endpoint.rstrip("/") + "/v1/completions"
     body = {"model": model, "prompt": "Hello", "max_tokens": 1, "temperature": 0}
     started = time.monotonic()
     try:
-        async with session.post(url, json=body, timeout=_timeout(timeout)) as resp:
+        async with session.post(url, json=body, headers=headers, timeout=_timeout(timeout)) as resp:
             raw = await resp.read()
             ms = (time.monotonic() - started) * 1000
             detail = ""
@@ -373,10 +377,12 @@ async def check_endpoint(ctx: CheckContext, out: Results, url: str) -> None:
 
     host = urlsplit(url).hostname or ""
     timeout = min(REQUEST_TIMEOUT, max(0.2, ctx.deadline - time.monotonic() - 0.3))
+    key = ctx.options.api_key
+    headers = {"Authorization": f"Bearer {key}"} if key else None
     async with aiohttp.ClientSession(trust_env=not is_loopback(host),
                                      connector=aiohttp.TCPConnector(force_close=True)) as session:
         health_task = asyncio.create_task(_get(session, url + "/health"))
-        models = await _get(session, url + "/v1/models")
+        models = await _get(session, url + "/v1/models", headers)
         health = await health_task
         model = None
         if models.get("status") == 200:
@@ -396,19 +402,39 @@ async def check_endpoint(ctx: CheckContext, out: Results, url: str) -> None:
         else:
             out.error("health", f"GET {url}/health answered {health['status']}: {health['body'][:200]!r}",
                       "the server is up but not healthy: see its logs", url=url)
+        if models.get("status") in (401, 403):
+            _report_refused(out, url, models["status"], bool(key))
+            return
+        if health["status"] == 503:
+            return  # no worker can serve: a request would wait for one to join (reported above)
         if model is None:
             out.warn("models", f"GET {url}/v1/models lists no model (HTTP {models.get('status')})",
                      "the workers may not be ready yet", url=url)
             return
         out.ok("models", f"serves {model}", model=model)
-        reply = await _one_token(session, url, model, timeout)
+        reply = await _one_token(session, url, model, timeout, headers)
+    if reply.get("status") in (401, 403):
+        _report_refused(out, url, reply["status"], bool(key))
+        return
     _report_answer(out, None, reply)
 
 
-async def _get(session, url: str) -> dict:
+def _report_refused(out: Results, url: str, status: int, sent: bool) -> None:
+    """A 401/403 is about the key, not about readiness: say whether one was sent."""
+    if not sent:
+        out.error("auth", f"{url} requires an API key (HTTP {status}); none was sent",
+                  "pass --api-key KEY or export DYNAMO_API_KEY (the frontend's frontend.api_key)",
+                  url=url, status=status)
+    else:
+        out.error("auth", f"{url} refused the API key (HTTP {status})",
+                  "give the frontend's key (its frontend.api_key) with --api-key or $DYNAMO_API_KEY",
+                  url=url, status=status)
+
+
+async def _get(session, url: str, headers: dict | None = None) -> dict:
     started = time.monotonic()
     try:
-        async with session.get(url, timeout=_timeout(PROBE_TIMEOUT)) as resp:
+        async with session.get(url, headers=headers, timeout=_timeout(PROBE_TIMEOUT)) as resp:
             body = (await resp.read()).decode("utf-8", "replace")
             return {"status": resp.status, "body": body, "ms": (time.monotonic() - started) * 1000}
     except Exception as exc:

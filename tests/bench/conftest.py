@@ -46,6 +46,7 @@ def serve_fake(argv: list[str] | None = None) -> None:
     p.add_argument("--drop-early-every", type=int, default=0)
     p.add_argument("--stall-every", type=int, default=0)
     p.add_argument("--log", default=None, help="append one JSON line per request body here")
+    p.add_argument("--api-key", default=None, help="answer 401 on /v1 without 'Authorization: Bearer KEY'")
     a = p.parse_args(argv)
     count = {"n": 0}
 
@@ -129,7 +130,14 @@ def serve_fake(argv: list[str] | None = None) -> None:
         await resp.write_eof()
         return resp
 
-    app = web.Application()
+    @web.middleware
+    async def auth(req: web.Request, handler):
+        if a.api_key and req.path.startswith("/v1/") and req.headers.get("Authorization") != f"Bearer {a.api_key}":
+            return web.json_response({"error": {"message": "invalid or missing API key",
+                                                "type": "authentication_error"}}, status=401)
+        return await handler(req)
+
+    app = web.Application(middlewares=[auth])
     app.router.add_get("/v1/models", models)
     app.router.add_get("/health", health)
     app.router.add_post("/v1/completions", complete)

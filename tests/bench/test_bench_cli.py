@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
+import re
+import subprocess
+import sys
 
 import pytest
 
@@ -75,3 +79,19 @@ def test_duration_mode_with_rate_and_table_output(fake_server, bench, tmp_path):
     s = doc["points"][0]["summary"]
     assert 20 <= s["completed"] <= 70 and s["failed"] == 0  # ~40 arrivals in 1 s; warmup excluded
     assert doc["config"]["duration_s"] == 1.0
+
+
+def test_tables_are_not_cut_when_stdout_is_not_a_terminal(fake_server):
+    url = fake_server("--itl-ms", "1")
+    # a pipe without width hints (readline may have put COLUMNS in this process's environment)
+    env = {k: v for k, v in os.environ.items() if k not in ("COLUMNS", "LINES")}
+    proc = subprocess.run([sys.executable, "-m", "dynamo.cli.bench", "--url", url, "-c", "1,2", "-n", "4",
+                           "--output-len", "4", "--input-len", "8", "--no-progress"], capture_output=True, text=True,
+                          env=env, timeout=90, stdin=subprocess.DEVNULL)
+    assert proc.returncode == 0, proc.stderr
+    assert "dynamo bench sweep" in proc.stdout
+    assert "…" not in proc.stdout and "…" not in proc.stderr, proc.stdout
+    header = next(line for line in proc.stdout.splitlines() if "Tok/s/user p50" in line)
+    for name in ("Req/s", "Out tok/s", "TTFT p50", "TTFT p99", "ITL p99", "TPOT p50", "E2EL p50", "Goodput"):
+        assert name in header, header
+    assert re.search(r"^model fake-model at \S+ \(chat, per-chunk usage yes, seed \d+\)$", proc.stdout, re.MULTILINE)

@@ -1,0 +1,68 @@
+"""Output off a terminal (pipes, CI): nothing a user reads or copies is cut with an ellipsis."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import dynamo
+
+
+@pytest.fixture
+def plain_env(monkeypatch) -> dict:
+    """No width hints: what a pipe in a fresh shell or a CI job gets."""
+    for name in ("COLUMNS", "TERMINAL_WIDTH", "FORCE_COLOR", "PY_COLORS", "GITHUB_ACTIONS"):
+        monkeypatch.delenv(name, raising=False)
+    return dict(os.environ)
+
+
+def _commands() -> list[list[str]]:
+    from typer.main import get_command
+
+    from dynamo.cli.app import app
+
+    out: list[list[str]] = []
+
+    def walk(command, path: list[str]) -> None:
+        out.append(path)
+        for name, sub in (getattr(command, "commands", None) or {}).items():
+            walk(sub, path + [name])
+
+    walk(get_command(app), [])
+    return out
+
+
+def test_every_help_fits_80_columns_without_cutting_option_names(plain_env):
+    commands = _commands()
+    assert ["bench"] in commands and ["bench", "compare"] in commands and ["profile", "list"] in commands
+    for path in commands:
+        proc = dynamo(*path, "--help", env={"TERMINAL_WIDTH": "80"})
+        assert proc.returncode == 0, proc.stderr
+        cut = [line for line in proc.stdout.splitlines() if "…" in line]
+        assert not cut, f"dynamo {' '.join(path)} --help cuts:\n" + "\n".join(cut)
+    bench_help = dynamo("bench", "--help", env={"TERMINAL_WIDTH": "80"}).stdout
+    for option in ("--prompts-per-group", "--shared-prefix-len", "--trace-block-size"):
+        assert re.search(rf"│ {option}\s", bench_help), option
+
+
+def test_profile_list_shows_whole_sentences(plain_env):
+    proc = dynamo("profile", "list")
+    assert proc.returncode == 0
+    lines = dict(line.split(None, 1) for line in proc.stdout.splitlines())
+    assert lines["agg_router"] == ("Aggregated serving with KV-aware routing: two vLLM workers publish their KV "
+                                   "cache events and the router sends each request where most of its prompt is "
+                                   "already cached.")
+    assert all(text.endswith(".") for text in lines.values()), lines
+
+
+def test_consoles_are_wide_off_a_terminal_unless_columns_says_otherwise(plain_env):
+    code = "from dynamo.cli.app import make_console; print(make_console().width, make_console(stderr=True).width)"
+    wide = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=plain_env, timeout=60)
+    assert wide.stdout.split() == ["200", "200"], wide.stderr
+    narrow = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                            env={**plain_env, "COLUMNS": "100"})
+    assert narrow.stdout.split() == ["100", "100"], narrow.stderr
