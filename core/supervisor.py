@@ -34,6 +34,8 @@ from dynamo.core.restart import backoff_delay, wants_restart
 from dynamo.core.rundir import RotatingLog, RunDir, write_owner_only
 from dynamo.core.text import quantity
 
+_NATS_INFO = " [INF] "  # nats-server's informational lines; warnings and errors still reach the console
+
 USAGE_ERROR = 2  # the exit code of a process refusing its arguments (argparse, our CLIs): not worth a restart
 _LIVENESS_MIN_PERIOD = 2.0
 _DESCENDANT_SCAN_PERIOD = 3.0
@@ -312,7 +314,8 @@ class Supervisor:
                 break
             line = raw.decode("utf-8", "replace").rstrip("\r\n")
             comp.log.write(line)
-            self.printer.output(comp.name, line)
+            if comp.spec.kind != "nats" or _NATS_INFO not in line:  # its 25-line banner and chatter: log only
+                self.printer.output(comp.name, line)
             if pattern is not None and not comp.log_matched and pattern.search(line):
                 comp.log_matched = True
         code = await comp.proc.wait()

@@ -48,6 +48,8 @@ def test_start_order_readiness_gating_and_reverse_stop(tmp_path, serve):
     assert stops.index("w-1") < stops.index("nats")
     assert marked(run.marker) == []
     assert run.state()["status"] == "stopped"
+    # nats-server's banner and chatter go to its log, not to the console
+    assert "[INF]" in (run.dir / "logs" / "nats.log").read_text() and "[INF]" not in run.text()
 
 
 def test_worker_that_exits_at_once_restarts_with_growing_delays_then_fails(tmp_path, serve):
