@@ -27,6 +27,25 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
+def _version(value: bool) -> None:
+    if value:
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            typer.echo(f"dynamo {version('dynamo-launcher')}")
+        except PackageNotFoundError:  # run from a source tree that was never installed
+            typer.echo("dynamo (not installed: pip install -e .)")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(
+    _: bool = typer.Option(False, "--version", "-V", callback=_version, is_eager=True,
+                           help="Print the version and exit."),
+) -> None:
+    """Launch, supervise and benchmark distributed LLM inference from one YAML profile."""
+
+
 profile_app = typer.Typer(help="Validate profiles and print their JSON Schema.", no_args_is_help=True)
 app.add_typer(profile_app, name="profile")
 
