@@ -138,7 +138,8 @@ workers:
 
 
 @pytest.mark.slow
-def test_profile_is_served_benchmarked_and_stopped(bench_process, tmp_path):
+def test_profile_is_served_benchmarked_and_stopped(bench_process, tmp_path, monkeypatch):
+    monkeypatch.setenv("DYNAMO_HOME", str(tmp_path / "home"))  # its run's link goes there, not into the repo
     profile = tmp_path / "benchtest.yaml"
     profile.write_text(textwrap.dedent(PROFILE))
     out = tmp_path / "out"
