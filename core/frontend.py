@@ -49,6 +49,7 @@ _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 
 # markers of the SSE events that need a closer look; any other event is a plain content chunk
 _SPECIAL_EVENTS = (b"data: [DONE]", b'data: {"error"', b'"usage":{')
 _WRITE_HIGH_WATER = 256 * 1024  # client-side buffer above which the worker stream is paused
+_SHUTTING_DOWN = "the server is shutting down"
 _STARTED = web.RequestKey("stream_started", bool) if hasattr(web, "RequestKey") else "dynamo_stream_started"
 log = logging.getLogger("dynamo.frontend")
 # The router's key for a request: unique per request however clients set x-request-id (two requests
@@ -496,7 +497,7 @@ class Frontend:
         deadline = loop.time() + timeout
         while self.m_inflight.value > 0 and loop.time() < deadline:
             await asyncio.sleep(0.05)
-        self.closing = "the server is shutting down"
+        self.closing = _SHUTTING_DOWN
         if self.m_inflight.value > 0 and self.upstream is not None:
             self.upstream.abort_all(self.closing)  # and it refuses any request sent from now on
             deadline = loop.time() + 0.5
@@ -596,7 +597,7 @@ class Frontend:
         self.m_inflight.inc()
         try:
             if self.draining:
-                raise ApiError(503, "the server is shutting down", "service_unavailable", retry_after=1)
+                raise ApiError(503, _SHUTTING_DOWN, "service_unavailable", retry_after=1)
             self._check_key(request)
             try:
                 raw = await request.read()

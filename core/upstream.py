@@ -371,6 +371,11 @@ class _Connection(asyncio.Protocol):
         else:
             self.abort()
 
+    def give_up(self, reason: str) -> None:
+        """Fail its request with :class:`UpstreamAborted` (its caller may move it) and close."""
+        self._fail(UpstreamAborted(reason))
+        self.abort()
+
     def abort(self) -> None:
         if self.transport is not None:
             self.transport.abort()
@@ -472,8 +477,7 @@ class UpstreamPool:
         for conn in list(self._busy.get(base_url, ())):
             if conn.movable and conn._error is None and not conn._complete and (conn._head is not None or (
                     conn.migratable and not conn._reading_paused and conn.last_read <= silent_since)):
-                conn._fail(UpstreamAborted(reason))
-                conn.abort()
+                conn.give_up(reason)
                 aborted += 1
         return aborted
 
@@ -483,8 +487,7 @@ class UpstreamPool:
         self._refusing = reason
         conns = [conn for busy in self._busy.values() for conn in busy if conn._error is None and not conn._complete]
         for conn in conns:
-            conn._fail(UpstreamAborted(reason))
-            conn.abort()
+            conn.give_up(reason)
         return len(conns)
 
     def busy(self, base_url: str) -> int:

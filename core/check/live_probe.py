@@ -76,7 +76,7 @@ async def check_run(ctx: CheckContext, out: Results, run) -> None:
         # a frontend with no worker to serve (its /health 503) would hold the request for a worker to
         # join, past this check's timeout: its probe already says what is wrong
         serving = (health.get("frontend") or {}).get("ok") is not False
-        headers = {"Authorization": f"Bearer {ctx.options.api_key}"} if ctx.options.api_key else None
+        headers = _auth(ctx)
         answer = (asyncio.create_task(_one_token(session, state["endpoint"], state.get("model"), timeout, headers))
                   if state.get("endpoint") and status == "ready" and serving else None)
         entries = await discovery
@@ -378,7 +378,7 @@ async def check_endpoint(ctx: CheckContext, out: Results, url: str) -> None:
     host = urlsplit(url).hostname or ""
     timeout = min(REQUEST_TIMEOUT, max(0.2, ctx.deadline - time.monotonic() - 0.3))
     key = ctx.options.api_key
-    headers = {"Authorization": f"Bearer {key}"} if key else None
+    headers = _auth(ctx)
     async with aiohttp.ClientSession(trust_env=not is_loopback(host),
                                      connector=aiohttp.TCPConnector(force_close=True)) as session:
         health_task = asyncio.create_task(_get(session, url + "/health"))
@@ -417,6 +417,11 @@ async def check_endpoint(ctx: CheckContext, out: Results, url: str) -> None:
         _report_refused(out, url, reply["status"], bool(key))
         return
     _report_answer(out, None, reply)
+
+
+def _auth(ctx: CheckContext) -> dict | None:
+    """The bearer token of --api-key / $DYNAMO_API_KEY, as request headers."""
+    return {"Authorization": f"Bearer {ctx.options.api_key}"} if ctx.options.api_key else None
 
 
 def _report_refused(out: Results, url: str, status: int, sent: bool) -> None:
