@@ -81,7 +81,14 @@ class ApiError(Exception):
 
 
 class UpstreamFailed(Exception):
-    """A worker failed before anything reached the client: safe to retry elsewhere."""
+    """A worker failed before any event reached the client: safe to retry elsewhere.
+
+    ``response``: the client's event stream, if its headers were already sent; the retry
+    writes into it."""
+
+    def __init__(self, message: str, response: web.StreamResponse | None = None):
+        super().__init__(message)
+        self.response = response
 
 
 # --------------------------------------------------------------------------- validation
@@ -211,6 +218,7 @@ class Attempt:
     events: list[bytes] = field(default_factory=list)  # content events sent, as received; parsed only to migrate
     usage: dict | None = None
     finished: bool = False
+    replied: bool = False  # an event reached the client: from then on a failure is a migration, not a retry
     tried: set[tuple] = field(default_factory=set)  # worker incarnations: a restarted worker may be tried again
     fell_back: bool = False  # routed without the router's decision (counted once per request)
     hashes: list[int] | None = None
@@ -245,9 +253,11 @@ class Attempt:
 
 class _EventStreamResponse(web.StreamResponse):
     """A StreamResponse whose headers leave with the first events, in one write (as web.Response
-    does) instead of in a write of their own."""
+    does) instead of in a write of their own, unless ``headers_now``."""
 
-    _send_headers_immediately = False
+    def __init__(self, *, headers_now: bool = False, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self._send_headers_immediately = headers_now
 
     async def prepare(self, request: web.BaseRequest):
         request[_STARTED] = True  # from now on an error cannot be a response of its own
@@ -345,6 +355,7 @@ class StreamRelay:
             self._wake()
             return
         transport.write(b"%x\r\n%s\r\n" % (len(data), data) if self._chunked else data)
+        self.attempt.replied = True
         if not self._paused and transport.get_write_buffer_size() > _WRITE_HIGH_WATER:
             self._paused = True
             self.upstream.pause_reading()
@@ -687,26 +698,29 @@ class Frontend:
             if worker is None:
                 worker = await self._replacement(attempt)  # e.g. a failed worker, restarted
             if worker is None:
-                if response is not None:
+                if attempt.replied:
                     await self._stream_error(response, "no worker left to continue the stream")
                     return response
                 waited = f"none joined within {REPLACEMENT_WAIT:g} s"
-                if attempt.tried:
-                    raise ApiError(503, f"{quantity(len(attempt.tried), 'worker')} tried, none answered; {waited}",
-                                   "service_unavailable", retry_after=1)
-                raise ApiError(503, f"no worker is ready; {waited}", "service_unavailable", retry_after=1)
+                message = (f"{quantity(len(attempt.tried), 'worker')} tried, none answered; {waited}" if attempt.tried
+                           else f"no worker is ready; {waited}")
+                if response is not None:  # the stream's headers are out: the error is its only event
+                    await self._stream_error(response, message, "service_unavailable", 503)
+                    return response
+                raise ApiError(503, message, "service_unavailable", retry_after=1)
             if again is not None:
                 again.inc()
             attempt.tried.add(_incarnation(worker))
-            body = self._body_for(attempt, prefill_fields if response is None else None)
+            body = self._body_for(attempt, prefill_fields if not attempt.replied else None)
             self.picker.in_flight[worker.key] += 1
             try:
                 migratable = bool(attempt.body.get("stream")) and migrations < self.args.migration_limit \
                     and self._can_continue(attempt)
                 result = await self._relay(request, attempt, worker, body, response, migratable)
-            except UpstreamFailed:
+            except UpstreamFailed as failed:
                 self.suspect[_incarnation(worker)] = time.monotonic() + SUSPECT_SECONDS
-                again = self.m_retries if response is None else self.m_migrations  # a continuation moves on
+                response = failed.response or response
+                again = self.m_migrations if attempt.replied else self.m_retries  # a continuation moves on
                 continue
             finally:
                 self.picker.in_flight[worker.key] -= 1
@@ -929,7 +943,7 @@ class Frontend:
         except UpstreamError as exc:
             raise UpstreamFailed(str(exc)) from None
         try:
-            if upstream.status >= 500 and response is None:
+            if upstream.status >= 500 and not attempt.replied:
                 try:
                     await upstream.read()
                 except UpstreamError:
@@ -940,7 +954,7 @@ class Frontend:
                     data = await upstream.read()
                 except UpstreamError as exc:
                     raise UpstreamFailed(str(exc)) from None
-                if response is not None:  # a continuation answered with an error
+                if response is not None:  # a retry or continuation answered with an error; the stream is open
                     await self._stream_error(response, _error_message(data))
                     attempt.finished = True
                     return response
@@ -957,11 +971,15 @@ class Frontend:
                            response: web.StreamResponse | None) -> web.StreamResponse:
         relay = StreamRelay(self, attempt, upstream)
         upstream.stream(relay)
+        opened = None
         if response is None:
-            await relay.wait()
-            if not relay.held:
+            if relay.ended and not relay.held:
                 raise UpstreamFailed(f"stream ended before its first event: {relay.error or 'no event'}")
-            response = _EventStreamResponse(status=upstream.status, headers={
+            # Events that came with the worker's headers (an engine that takes no time) leave with
+            # the client's headers, in one write. Otherwise the first event is a prefill away: the
+            # headers go now, off that path, and every event leaves straight from the connection's
+            # callback as it is read, with no task switch.
+            opened = response = _EventStreamResponse(status=upstream.status, headers_now=not relay.held, headers={
                 "Content-Type": "text/event-stream", "Cache-Control": "no-cache", "x-request-id": attempt.request_id})
             if request.version >= HttpVersion11:
                 response.enable_chunked_encoding()
@@ -969,7 +987,8 @@ class Frontend:
         if not relay.ended:
             first = relay.take()
             if first:
-                await response.write(first)  # the headers go out with it, in one write
+                await response.write(first)  # with the headers, if they are still held
+                attempt.replied = True
             relay.go_direct(request.transport, response.chunked)
             while not relay.ended:
                 await relay.wait()
@@ -980,6 +999,9 @@ class Frontend:
             await response.write_eof(relay.take())
         elif relay.held:  # events of a stream that broke before it was relayed directly
             await response.write(relay.take())
+            attempt.replied = True
+        elif not attempt.replied:  # it broke before its first event: another worker can start afresh
+            raise UpstreamFailed(f"stream ended before its first event: {relay.error or 'no event'}", opened)
         return response
 
     def _account(self, attempt: Attempt, events: bytes) -> bytes:

@@ -319,6 +319,40 @@ def test_kill_9_a_worker_mid_stream_migrates_every_request(tmp_path, serve, api_
     assert metric(state["endpoint"], "dynamo_frontend_migrations_total") >= 1
 
 
+def test_a_stream_whose_worker_dies_in_its_prefill_starts_afresh_on_another(tmp_path, serve):
+    # the stream's headers reach the client as soon as a worker accepts the request; a worker that
+    # dies before its first token is still a retry, not a migration, and the client sees one answer
+    profile = mocker_profile(tmp_path, workers="w: {replicas: 2, args: {speedup-ratio: 0.02}}\n")
+    run = serve(profile)
+    state = run.wait_ready(60)
+    opened = threading.Event()
+    result: dict = {}
+
+    def ask() -> None:
+        api = client(state, timeout=60)
+        with api.chat.completions.with_streaming_response.create(
+                model=MODEL, max_tokens=3, stream=True, stream_options={"include_usage": True},
+                messages=[{"role": "user", "content": "a long document " * 100}]) as reply:
+            opened.set()  # the headers are in; no token yet (the prefill takes ~1 s)
+            chunks = list(reply.parse())
+        result["roles"] = sum(1 for c in chunks if c.choices and c.choices[0].delta.role)
+        result["text"] = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+        result["finish"] = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+        result["usage"] = next(c.usage.completion_tokens for c in chunks if c.usage)
+
+    asking = threading.Thread(target=ask)
+    asking.start()
+    assert opened.wait(10), "the stream's headers never came"
+    running = {name: proc for name, proc in state["processes"].items() if proc["kind"] == "worker"
+               and metric(proc["url"], "vllm:num_requests_running") >= 1}
+    assert len(running) == 1, running
+    os.kill(next(iter(running.values()))["pid"], signal.SIGKILL)
+    asking.join(30)
+    assert result == {"roles": 1, "text": result["text"], "finish": ["length"], "usage": 3} and result["text"], result
+    assert metric(state["endpoint"], "dynamo_frontend_retries_total") == 1
+    assert metric(state["endpoint"], "dynamo_frontend_migrations_total") == 0
+
+
 def test_requests_keep_succeeding_when_the_router_dies(tmp_path, serve):
     profile = mocker_profile(tmp_path, router="kv", workers="""\
         w: {replicas: 2, args: {speedup-ratio: 0}}
