@@ -73,7 +73,7 @@ class Backend:
             flag = key.lstrip("-")
             if flag in self.owned_flags and not ctx.args_from_other_backend:
                 raise PlanError(
-                    f"workers.{ctx.group_name}.args.{key}: the launcher sets --{flag}; "
+                    f"workers.{ctx.group_name}.args.{key}: the launcher sets --{flag} itself; "
                     f"use {self.owned_flags[flag]} in the profile instead"
                 )
             base = flag[3:] if flag.startswith("no-") else flag

@@ -236,15 +236,16 @@ def profile_validate(
 
     failed = False
     for name in files:
-        where = ""  # the loader's messages name the file; the plan's do not
+        loaded = None
         try:
             loaded = load_profile(name, overrides or [], backend=backend)
-            where = f"{loaded.path}: "
-            check_engine_argvs(build_plan(loaded, assumed_inventory(_PLENTY_OF_GPUS)))
+            check_engine_argvs(build_plan(loaded, assumed_inventory(_PLENTY_OF_GPUS)), loaded)
         except UsageError as exc:
             failed = True
             for line in str(exc).splitlines():
-                typer.secho(f"error: {where}{line}", fg="red", err=True)
+                # the loader's messages and a key's place name the file (or the --set); the rest get it here
+                named = loaded is None or line.startswith((loaded.sources.file, "--set "))
+                typer.secho(f"error: {line}" if named else f"error: {loaded.path}: {line}", fg="red", err=True)
             continue
         p = loaded.profile
         groups = len(p.workers)

@@ -28,7 +28,7 @@ def serve(profile: str, overrides: list[str], backend: str | None, dry_run: bool
         raise UsageError("--json goes with --dry-run (dynamo ps --json shows a running plan)")
     loaded = load_profile(profile, overrides, backend=backend)
     plan = build_plan(loaded, detect_inventory(assume_gpus), node=node, replica=replica)
-    check_engine_argvs(plan)
+    check_engine_argvs(plan, loaded)
     if dry_run:
         if as_json:
             typer.echo(plan.redacted().model_dump_json(indent=2))

@@ -247,17 +247,42 @@ class _GpuAssigner:
             self.problems.insert(0, f"{who}needs {quantity(needed, 'GPU')}; {self._have()}")
 
 
+_KEY_PATH = re.compile(r"(workers\.[^\s:]+): ")
+_FLAG = re.compile(r"--([A-Za-z0-9][\w-]*)")
+
+
+def locate(loaded: LoadedProfile, message: str) -> str:
+    """Put where the key is (``file:line:col``, or the ``--set`` that set it) in front of each line
+    of ``message`` that starts with a profile key path (``workers.w.args.x: ...``)."""
+    lines = []
+    for line in message.splitlines():
+        key = _KEY_PATH.match(line)
+        if key:
+            where = loaded.sources.where(tuple(key.group(1).split(".")))
+            line = f"{where}: {line[key.end():]}" if where == f"--set {key.group(1)}" else f"{where}: {line}"
+        lines.append(line)
+    return "\n".join(lines)
+
+
 def build_plan(
     loaded: LoadedProfile,
     inventory: GpuInventory,
     node: str | None = None,
     replica: int | None = None,
 ) -> Plan:
-    """Turn a profile into processes. Raises PlanError naming every problem found.
+    """Turn a profile into processes. Raises PlanError naming every problem found, each with
+    where its key is in the profile.
 
     ``replica`` (with ``node``) plans one replica of the node's worker groups, as if it were
     alone on its machine: what a Kubernetes pod of a StatefulSet runs.
     """
+    try:
+        return _build_plan(loaded, inventory, node, replica)
+    except PlanError as exc:
+        raise PlanError(locate(loaded, str(exc))) from None
+
+
+def _build_plan(loaded: LoadedProfile, inventory: GpuInventory, node: str | None, replica: int | None) -> Plan:
     if replica is not None:
         return _one_replica(loaded, inventory, node, replica)
     profile = loaded.profile
@@ -487,16 +512,34 @@ def _drain_timeout(grace_period: float) -> float:
     return round(max(grace_period - max(1.5, grace_period / 5), 0.0), 2)
 
 
-def check_engine_argvs(plan: Plan) -> None:
-    """Let an installed engine's own argument parser judge the planned argvs (nothing starts)."""
+def check_engine_argvs(plan: Plan, loaded: LoadedProfile | None = None) -> None:
+    """Let an installed engine's own argument parser judge the planned argvs (nothing starts).
+
+    With ``loaded`` (the profile planned), each problem names the worker group's argument the
+    engine complained of, and where it is; replicas with the same complaint are one problem."""
     backend = get_backend(plan.backend)
     validate = getattr(backend, "validate_argvs", None)
     workers = [p for p in plan.processes if p.kind == "worker" and p.group not in plan.custom_commands]
     if validate is None or not workers:
         return
-    problems = [f"{p.name}: {message}" for p, message in zip(workers, validate([p.argv for p in workers])) if message]
+    problems = [_argv_problem(p, message, loaded)
+                for p, message in zip(workers, validate([p.argv for p in workers])) if message]
     if problems:
-        raise UsageError("\n".join(problems))
+        raise UsageError("\n".join(dict.fromkeys(problems)))
+
+
+def _argv_problem(proc: ProcessSpec, message: str, loaded: LoadedProfile | None) -> str:
+    if loaded is None or proc.group not in loaded.profile.workers:
+        return f"{proc.name}: {message}"
+    args = loaded.profile.workers[proc.group].args
+    path = f"workers.{proc.group}"
+    flag = _FLAG.search(message)
+    if flag:
+        name = flag.group(1)
+        key = next((k for k in (name, name.replace("-", "_"), name.replace("_", "-")) if k in args), None)
+        if key is not None:
+            path += f".args.{key}"
+    return locate(loaded, f"{path}: {message}")
 
 
 def check_executables(plan: Plan) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from dynamo.backends.engine_flags import load_flag_list
@@ -115,7 +117,7 @@ def test_flags_the_launcher_owns_are_refused_with_the_key_to_use(backend, args, 
     with pytest.raises(PlanError) as info:
         worker_argv(backend, args)
     assert message in str(info.value)
-    assert str(info.value).startswith("workers.w.args.")
+    assert re.match(r"p\.yaml:\d+:\d+: workers\.w\.args\.", str(info.value)), str(info.value)  # where the key is
 
 
 @pytest.mark.parametrize("backend, args, hint", [

@@ -110,13 +110,25 @@ def test_validate_judges_engine_arguments_as_serve_does(tmp_path: Path):
     typo.write_text("name: p\nmodel: {name: m}\nbackend: mocker\nworkers:\n  w: {args: {max-num-seq: 5}}\n")
     reserved = tmp_path / "reserved.yaml"
     reserved.write_text("name: p\nmodel: {name: m}\nbackend: mocker\nworkers:\n  w: {args: {port: 5}}\n")
-    result = dynamo("profile", "validate", str(typo), str(reserved))
+    value = tmp_path / "value.yaml"
+    value.write_text("name: p\nmodel: {name: m}\nbackend: mocker\nworkers:\n  w:\n    replicas: 2\n"
+                     "    args:\n      max-num-seqs: abc\n")
+    result = dynamo("profile", "validate", str(typo), str(reserved), str(value))
     assert result.returncode == 2, result.stdout
-    assert f"error: {typo}: workers." in result.stderr and "did you mean 'max-num-seqs'" in result.stderr
-    assert f"error: {reserved}: workers." in result.stderr
+    # each problem says where its key is, once however many replicas share it
+    assert result.stderr.splitlines() == [
+        f"error: {typo}:5:14: workers.w.args.max-num-seq: mocker has no flag --max-num-seq; did you mean 'max-num-seqs'?",
+        f"error: {reserved}:5:14: workers.w.args.port: the launcher sets --port itself; use workers.<group>.port or "
+        "ports.base in the profile instead",
+        f"error: {value}:8:7: workers.w.args.max-num-seqs: the mocker rejects the planned flags: argument "
+        "--max-num-seqs: expected a positive integer, got 'abc'"], result.stderr
+    result = dynamo("serve", str(value), "--dry-run")
+    assert result.returncode == 2 and f"error: {value}:8:7: workers.w.args.max-num-seqs: the mocker" in result.stderr
     for args in (["profile", "validate", "agg"], ["serve", "agg", "--dry-run"]):  # the engine's parser judges values
         result = dynamo(*args, "--backend", "mocker", "--set", "workers.decode.args.max-num-seqs=abc")
-        assert result.returncode == 2 and "expected a positive integer, got 'abc'" in result.stderr, result.stderr
+        assert result.returncode == 2, result.stderr
+        assert "error: --set workers.decode.args.max-num-seqs: the mocker rejects the planned flags: argument " \
+               "--max-num-seqs: expected a positive integer, got 'abc'" in result.stderr, result.stderr
 
 
 def test_cli_validate_shipped_profiles():
