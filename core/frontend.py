@@ -219,6 +219,7 @@ class Attempt:
     usage: dict | None = None
     finished: bool = False
     replied: bool = False  # an event reached the client: from then on a failure is a migration, not a retry
+    status: int | None = None  # the status an opened stream's only event (an error) stands for, in the metrics
     tried: set[tuple] = field(default_factory=set)  # worker incarnations: a restarted worker may be tried again
     fell_back: bool = False  # routed without the router's decision (counted once per request)
     hashes: list[int] | None = None
@@ -261,6 +262,8 @@ class _EventStreamResponse(web.StreamResponse):
 
     async def prepare(self, request: web.BaseRequest):
         request[_STARTED] = True  # from now on an error cannot be a response of its own
+        if request.version < HttpVersion11:
+            self.force_close()  # HTTP/1.0 has no chunks: the stream ends when the connection does
         return await super().prepare(request)
 
 
@@ -626,7 +629,7 @@ class Frontend:
             if kind == "stream":
                 _ask_usage(attempt)
             response = await self._serve(request, attempt)
-            status = str(response.status)
+            status = str(attempt.status or response.status)
             return response
         except ApiError as exc:
             status = str(exc.status)
@@ -692,20 +695,20 @@ class Frontend:
             if self.closing and again is not None:  # admitted before the stop, failed since: not tried again
                 if response is None:
                     raise ApiError(503, self.closing, "service_unavailable", retry_after=1)
-                await self._stream_error(response, self.closing, "service_unavailable", 503)
+                await self._stream_error(attempt, response, self.closing, "service_unavailable", 503)
                 return response
             worker = await self._choose(attempt, ("agg", "decode"))
             if worker is None:
                 worker = await self._replacement(attempt)  # e.g. a failed worker, restarted
             if worker is None:
                 if attempt.replied:
-                    await self._stream_error(response, "no worker left to continue the stream")
+                    await self._stream_error(attempt, response, "no worker left to continue the stream")
                     return response
                 waited = f"none joined within {REPLACEMENT_WAIT:g} s"
                 message = (f"{quantity(len(attempt.tried), 'worker')} tried, none answered; {waited}" if attempt.tried
                            else f"no worker is ready; {waited}")
                 if response is not None:  # the stream's headers are out: the error is its only event
-                    await self._stream_error(response, message, "service_unavailable", 503)
+                    await self._stream_error(attempt, response, message, "service_unavailable", 503)
                     return response
                 raise ApiError(503, message, "service_unavailable", retry_after=1)
             if again is not None:
@@ -733,7 +736,7 @@ class Frontend:
                 continue  # ended above with the reason, not moved
             self.suspect[_incarnation(worker)] = time.monotonic() + SUSPECT_SECONDS
             if migrations >= self.args.migration_limit or not self._can_continue(attempt):
-                await self._stream_error(response, f"worker {worker.data.get('name')} failed mid-stream")
+                await self._stream_error(attempt, response, f"worker {worker.data.get('name')} failed mid-stream")
                 return response
             migrations += 1
             attempt.migrated = True
@@ -955,7 +958,11 @@ class Frontend:
                 except UpstreamError as exc:
                     raise UpstreamFailed(str(exc)) from None
                 if response is not None:  # a retry or continuation answered with an error; the stream is open
-                    await self._stream_error(response, _error_message(data))
+                    if attempt.replied:
+                        await self._stream_error(attempt, response, _error_message(data))
+                    else:  # the worker's own error, as the client would have had it without the open stream
+                        await self._stream_error(attempt, response, _error_message(data), code=upstream.status,
+                                                 error=_error_object(data), label=f"upstream_{upstream.status}")
                     attempt.finished = True
                     return response
                 self._count_unary(attempt, data, upstream.status)
@@ -1110,10 +1117,19 @@ class Frontend:
         if isinstance(usage, dict):
             attempt.usage = usage
 
-    async def _stream_error(self, response: web.StreamResponse, message: str, kind: str = "upstream_error",
-                            code: int = 502) -> None:
-        self.m_errors.labels("stream_interrupted").inc()
-        error = {"error": {"message": message, "type": kind, "param": None, "code": code}}
+    async def _stream_error(self, attempt: Attempt, response: web.StreamResponse, message: str,
+                            kind: str = "upstream_error", code: int = 502, error: dict | None = None,
+                            label: str | None = None) -> None:
+        """End an open stream with an OpenAI-style error event (``error``, or one made of ``message``,
+        ``kind`` and ``code``) and [DONE]. When no event reached the client before it, the error
+        stands for the response the client would otherwise have had: the metrics count its status
+        and ``label`` (``kind`` by default), not an interrupted stream."""
+        if attempt.replied:
+            self.m_errors.labels("stream_interrupted").inc()
+        else:
+            attempt.status = code
+            self.m_errors.labels(label or kind).inc()
+        error = error or {"error": {"message": message, "type": kind, "param": None, "code": code}}
         try:
             await response.write(b"data: " + _json_encode(error) + b"\n\ndata: [DONE]\n\n")
             await response.write_eof()
@@ -1129,6 +1145,15 @@ def _ignore_outcome(future: asyncio.Future) -> None:
 
 def _instance_key(instance: Instance) -> str:
     return instance.key
+
+
+def _error_object(data: bytes) -> dict | None:
+    """A worker's OpenAI-style error body as it is (``{"error": {...}}``), or None."""
+    try:
+        body = _json_decode(data)
+    except msgspec.DecodeError:
+        return None
+    return body if isinstance(body, dict) and isinstance(body.get("error"), dict) else None
 
 
 def _error_message(data: bytes) -> str:

@@ -401,3 +401,115 @@ def test_a_broken_stream_waits_for_its_restarted_worker_and_counts_only_real_mig
             assert frontend.m_migrations.value == 1
 
     asyncio.run(main())
+
+
+# ----------------------------------------------------------------------------- streams opened before their first event
+
+SSE_HEAD = b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n"
+
+
+class RawWorker:
+    """Answers each POST with ``script(writer)``, an async function writing raw HTTP."""
+
+    def __init__(self, script):
+        self.script = script
+
+    async def start(self) -> str:
+        async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            try:
+                head = await reader.readuntil(b"\r\n\r\n")
+                length = next(int(line.split(b":")[1]) for line in head.split(b"\r\n")
+                              if line.lower().startswith(b"content-length"))
+                await reader.readexactly(length)
+                await self.script(writer)
+            except (asyncio.IncompleteReadError, ConnectionError):
+                pass
+            finally:
+                writer.close()
+
+        server = await asyncio.start_server(serve, "127.0.0.1", 0)
+        return f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+
+
+async def accept_then_die(writer: asyncio.StreamWriter) -> None:
+    writer.write(SSE_HEAD)  # the client's stream opens now
+    await writer.drain()
+    await asyncio.sleep(0.3)  # its prefill
+    writer.transport.abort()
+
+
+async def refuse_with_400(writer: asyncio.StreamWriter) -> None:
+    body = json.dumps({"error": {"message": "This model's maximum context length is 4096 tokens",
+                                 "type": "BadRequestError", "param": "messages", "code": 400}}).encode()
+    writer.write(b"HTTP/1.1 400 Bad Request\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s"
+                 % (len(body), body))
+    await writer.drain()
+
+
+async def answer(writer: asyncio.StreamWriter) -> None:
+    done = event(" ok", "length") + b"data: [DONE]\n\n"
+    writer.write(SSE_HEAD)
+    await writer.drain()
+    await asyncio.sleep(0.1)
+    writer.write(b"%x\r\n%s\r\n0\r\n\r\n" % (len(done), done))
+    await writer.drain()
+
+
+async def raw_post(server: TestServer, version: bytes = b"1.1", extra: bytes = b"Connection: close\r\n",
+                   timeout: float = 10) -> tuple[bytes, bytes]:
+    """A streamed completion over a raw socket: the response head and everything after it."""
+    reader, writer = await asyncio.open_connection(server.host, server.port)
+    data = json.dumps({"model": MODEL, "prompt": "p", "stream": True}).encode()
+    writer.write(b"POST /v1/completions HTTP/%s\r\nHost: x\r\nContent-Type: application/json\r\n"
+                 b"Content-Length: %d\r\n%s\r\n%s" % (version, len(data), extra, data))
+    head = await reader.readuntil(b"\r\n\r\n")
+    rest = await asyncio.wait_for(reader.read(), timeout)
+    writer.close()
+    return head, rest
+
+
+def first_error(body: bytes) -> dict:
+    return json.loads(body.split(b"data: ", 1)[1].split(b"\n\n", 1)[0])["error"]
+
+
+def test_a_retry_into_an_open_stream_refused_with_a_400_gives_the_client_the_workers_error():
+    # A accepts (the client's headers go out) and dies before its first event; B refuses the retry
+    async def main() -> None:
+        a, b = RawWorker(accept_then_die), RawWorker(refuse_with_400)
+        async with running_frontend([await a.start(), await b.start()]) as (frontend, server):
+            head, rest = await raw_post(server)
+            assert head.startswith(b"HTTP/1.1 200")
+            error = first_error(rest)
+            assert (error["code"], error["type"], error["param"]) == (400, "BadRequestError", "messages"), error
+            assert rest.endswith(b"data: [DONE]\n\n\r\n0\r\n\r\n")  # the last chunk
+            assert frontend.m_errors.labels("upstream_400").value == 1
+            assert {key[2] for key in frontend.m_requests._children} == {"400"}
+
+    asyncio.run(main())
+
+
+def test_an_open_stream_that_finds_no_worker_ends_with_a_503_event_counted_as_a_503():
+    async def main() -> None:
+        a = RawWorker(accept_then_die)
+        async with running_frontend([await a.start()]) as (frontend, server):
+            head, rest = await raw_post(server)  # the retry waits 3 s for a worker to join
+            assert head.startswith(b"HTTP/1.1 200")
+            error = first_error(rest)
+            assert (error["code"], error["type"]) == (503, "service_unavailable"), error
+            assert "1 worker tried, none answered" in error["message"]
+            assert {key[2] for key in frontend.m_requests._children} == {"503"}
+            assert frontend.m_errors.labels("service_unavailable").value == 1
+            assert frontend.m_errors.labels("stream_interrupted").value == 0
+
+    asyncio.run(main())
+
+
+def test_an_http_1_0_client_asking_for_keep_alive_gets_the_end_of_its_stream():
+    # HTTP/1.0 has no chunked encoding: the stream must end with the connection
+    async def main() -> None:
+        b = RawWorker(answer)
+        async with running_frontend([await b.start()]) as (frontend, server):
+            head, rest = await raw_post(server, b"1.0", b"Connection: keep-alive\r\n", timeout=5)
+            assert head.startswith(b"HTTP/1.0 200") and rest.endswith(b"data: [DONE]\n\n"), (head, rest)
+
+    asyncio.run(main())
