@@ -69,13 +69,13 @@ class Backend:
         that this engine does not know are dropped, and each drop is noted in the plan.
         """
         kept: dict[str, Any] = {}
+        problems: list[str] = []
         for key, value in ctx.group.args.items():
             flag = key.lstrip("-")
             if flag in self.owned_flags and not ctx.args_from_other_backend:
-                raise PlanError(
-                    f"workers.{ctx.group_name}.args.{key}: the launcher sets --{flag} itself; "
-                    f"use {self.owned_flags[flag]} in the profile instead"
-                )
+                problems.append(f"workers.{ctx.group_name}.args.{key}: the launcher sets --{flag} itself; "
+                                f"use {self.owned_flags[flag]} in the profile instead")
+                continue
             base = flag[3:] if flag.startswith("no-") else flag
             if self.known_flags and base not in self.known_flags or flag in self.owned_flags:
                 if ctx.args_from_other_backend:
@@ -83,8 +83,11 @@ class Backend:
                     continue
                 hint = difflib.get_close_matches(base, sorted(self.known_flags), n=1, cutoff=0.6)
                 suggestion = f"; did you mean {hint[0]!r}?" if hint else ""
-                raise PlanError(f"workers.{ctx.group_name}.args.{key}: {self.name} has no flag --{flag}{suggestion}")
+                problems.append(f"workers.{ctx.group_name}.args.{key}: {self.name} has no flag --{flag}{suggestion}")
+                continue
             kept[key] = value
+        if problems:
+            raise PlanError("\n".join(problems))
         return args_to_flags(kept)
 
 

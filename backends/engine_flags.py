@@ -211,36 +211,46 @@ class EngineBackend(Backend):
         engine, flags this engine lacks or owns are dropped with a note instead.
         """
         out: list[str] = []
+        problems: list[str] = []
         for key, value in args.items():
-            where = f"workers.{ctx.group_name}.args.{key}"
-            raw = str(key).lstrip("-")
-            base, dot, sub = raw.partition(".")
-            if dot and not self.flags.dotted:
-                self._unknown(ctx, where, raw, notes)
-                continue
-            resolved = self.flags.resolve(base)
-            if isinstance(resolved, list):
-                if ctx.args_from_other_backend:
-                    notes.append(f"dropped --{raw} (ambiguous for {self.name})")
-                    continue
-                raise PlanError(f"{where}: --{base} is ambiguous for {self.name}: it could be "
-                                + ", ".join(f"--{m}" for m in resolved))
-            owned = self._owner(resolved or base)
-            if owned is not None:
-                if ctx.args_from_other_backend:
-                    notes.append(f"dropped --{raw} (set by the launcher for {self.name})")
-                    continue
-                advice = owned if owned.startswith("remove it") else f"use {owned} in the profile instead"
-                raise PlanError(f"{where}: the launcher sets --{resolved or base} itself; {advice}")
-            if resolved is None:
-                self._unknown(ctx, where, raw, notes)
-                continue
-            if dot:
-                if value is not None:
-                    out += [f"--{resolved}.{sub}", compact_json(value) if isinstance(value, (dict, list)) else _scalar(value)]
-                continue
-            out += self._flag_values(where, self.flags.flags[resolved], value)
+            try:
+                out += self._convert_arg(ctx, key, value, notes)
+            except PlanError as exc:
+                problems.append(str(exc))
+        if problems:
+            raise PlanError("\n".join(problems))
         return out
+
+    def _convert_arg(self, ctx: WorkerContext, key: str, value: Any, notes: list[str]) -> list[str]:
+        """One ``args:`` entry as flags (none when it is dropped); raises PlanError when it is refused."""
+        where = f"workers.{ctx.group_name}.args.{key}"
+        raw = str(key).lstrip("-")
+        base, dot, sub = raw.partition(".")
+        if dot and not self.flags.dotted:
+            self._unknown(ctx, where, raw, notes)
+            return []
+        resolved = self.flags.resolve(base)
+        if isinstance(resolved, list):
+            if ctx.args_from_other_backend:
+                notes.append(f"dropped --{raw} (ambiguous for {self.name})")
+                return []
+            raise PlanError(f"{where}: --{base} is ambiguous for {self.name}: it could be "
+                            + ", ".join(f"--{m}" for m in resolved))
+        owned = self._owner(resolved or base)
+        if owned is not None:
+            if ctx.args_from_other_backend:
+                notes.append(f"dropped --{raw} (set by the launcher for {self.name})")
+                return []
+            advice = owned if owned.startswith("remove it") else f"use {owned} in the profile instead"
+            raise PlanError(f"{where}: the launcher sets --{resolved or base} itself; {advice}")
+        if resolved is None:
+            self._unknown(ctx, where, raw, notes)
+            return []
+        if dot:
+            if value is None:
+                return []
+            return [f"--{resolved}.{sub}", compact_json(value) if isinstance(value, (dict, list)) else _scalar(value)]
+        return self._flag_values(where, self.flags.flags[resolved], value)
 
     def _owner(self, flag: str) -> str | None:
         for candidate in (flag, flag.replace("_", "-"), flag.replace("-", "_")):

@@ -391,6 +391,7 @@ def _build_plan(loaded: LoadedProfile, inventory: GpuInventory, node: str | None
         for assigner in assigners.values():
             assigner.check_total()
     worker_names: list[str] = []
+    refused: list[str] = []  # every group's launch problems, reported together
     for group_name, group in profile.workers.items():
         worker_host = host_for(group_name, group.host, "host" in group.model_fields_set)
         for replica in range(group.replicas):
@@ -403,7 +404,11 @@ def _build_plan(loaded: LoadedProfile, inventory: GpuInventory, node: str | None
                 host=worker_host, port=port, gpus=assigned, allocate_port=ports.allocate,
                 args_from_other_backend=("backend",) in loaded.sources.overrides,
             )
-            launch = custom_launch(ctx) if group.command else backend.launch(ctx)
+            try:
+                launch = custom_launch(ctx) if group.command else backend.launch(ctx)
+            except PlanError as exc:
+                refused.append(str(exc))
+                break  # its other replicas have the same args
             env = {**profile.env, **launch.env, **group.env}
             if backend.uses_gpus:
                 env["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, assigned))
@@ -423,8 +428,8 @@ def _build_plan(loaded: LoadedProfile, inventory: GpuInventory, node: str | None
                 notes=launch.notes, files=launch.files,
             ))
             worker_names.append(name)
-    problems = [p for a in assigners.values() for p in a.problems
-                if node is None or not profile.nodes or collapsed or a.where in ("", f"node {node} ")]
+    problems = refused + [p for a in assigners.values() for p in a.problems
+                          if node is None or not profile.nodes or collapsed or a.where in ("", f"node {node} ")]
     if problems:
         raise PlanError("\n".join(dict.fromkeys(problems)))
 

@@ -114,6 +114,15 @@ def describe_process(pid: int | None) -> str:
     return f"pid {pid} ({cmd})"
 
 
+def port_setting(owner: str) -> str:
+    """The profile setting (as a ``--set``) that moves the port of ``owner`` (``frontend http``...)."""
+    if owner.startswith("frontend"):
+        return "frontend.port=0 (0 picks a free port)"
+    if owner.startswith("nats"):
+        return "nats.port=0"
+    return "ports.base=0 (or workers.<group>.port)"
+
+
 def busy_ports(claims: list[PortClaim]) -> list[str]:
     """One message per planned port that is already taken."""
     problems = []
@@ -121,8 +130,6 @@ def busy_ports(claims: list[PortClaim]) -> list[str]:
         if not port_is_free(claim.host, claim.port):
             holder = port_holder(claim.port)
             held = f" by {holder}" if holder else ""
-            problems.append(
-                f"port {claim.port} ({claim.owner}) is already in use{held}; "
-                f"free it, or choose another port with --set (ports.base=0 picks free ports)"
-            )
+            problems.append(f"port {claim.port} ({claim.owner}) is already in use{held}; "
+                            f"free it, or choose another port: --set {port_setting(claim.owner)}")
     return problems

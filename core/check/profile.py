@@ -114,7 +114,7 @@ def check_gpus(ctx: CheckContext, state: ProfileState, out: Results) -> None:
 
 
 def check_ports(ctx: CheckContext, state: ProfileState, out: Results) -> None:
-    from dynamo.core.ports import port_is_free
+    from dynamo.core.ports import port_is_free, port_setting
 
     claims = state.plan.port_claims()
     busy = []
@@ -129,7 +129,7 @@ def check_ports(ctx: CheckContext, state: ProfileState, out: Results) -> None:
             busy.append(claim)
     for claim in busy:
         holder, fix = describe_holder(ctx, claim.port)
-        setting = _port_setting(claim.owner)
+        setting = port_setting(claim.owner)
         out.error("port", f"port {claim.port} ({claim.owner}) is taken{' by ' + holder if holder else ''}",
                   f"{fix + ', or ' if fix else ''}choose another port: --set {setting}",
                   port=claim.port, owner=claim.owner, holder=holder)
@@ -137,14 +137,6 @@ def check_ports(ctx: CheckContext, state: ProfileState, out: Results) -> None:
         listed = ", ".join(f"{c.port} ({c.owner})" for c in sorted(claims, key=lambda c: c.port))
         out.ok("ports", f"all {len(claims)} planned ports are free: {listed}",
                ports={c.owner: c.port for c in claims})
-
-
-def _port_setting(owner: str) -> str:
-    if owner.startswith("frontend"):
-        return "frontend.port=0 (0 picks a free port)"
-    if owner.startswith("nats"):
-        return "nats.port=0"
-    return "ports.base=0 (or workers.<group>.port)"
 
 
 def describe_holder(ctx: CheckContext, port: int) -> tuple[str | None, str | None]:

@@ -169,6 +169,7 @@ def test_port_in_use_names_the_holder():
             check_ports(plan)
         message = str(info.value)
         assert f"port {port} (frontend http) is already in use by pid {os.getpid()}" in message
+        assert message.endswith("choose another port: --set frontend.port=0 (0 picks a free port)"), message
     finally:
         holder.close()
 

@@ -122,6 +122,13 @@ def test_validate_judges_engine_arguments_as_serve_does(tmp_path: Path):
         "ports.base in the profile instead",
         f"error: {value}:8:7: workers.w.args.max-num-seqs: the mocker rejects the planned flags: argument "
         "--max-num-seqs: expected a positive integer, got 'abc'"], result.stderr
+    several = tmp_path / "several.yaml"
+    several.write_text("name: p\nmodel: {name: m}\nbackend: mocker\nworkers:\n"
+                       "  p: {role: prefill, args: {max-num-seq: 8, port: 9000}}\n"
+                       "  d: {role: decode, replicas: 2, args: {speedup-ratoi: 0}}\n")
+    result = dynamo("profile", "validate", str(several))  # every problem at once, not one per try
+    assert [line.split(": ")[2] for line in result.stderr.splitlines()] == [
+        "workers.p.args.max-num-seq", "workers.p.args.port", "workers.d.args.speedup-ratoi"], result.stderr
     result = dynamo("serve", str(value), "--dry-run")
     assert result.returncode == 2 and f"error: {value}:8:7: workers.w.args.max-num-seqs: the mocker" in result.stderr
     for args in (["profile", "validate", "agg"], ["serve", "agg", "--dry-run"]):  # the engine's parser judges values
