@@ -26,8 +26,11 @@ Metric definitions (times in ms; latency metrics use successful requests only):
 TTFT: request sent -> first response chunk that carries a token (a role-only chunk is not a token).
 ITL (per token): for each token-carrying chunk after the first, the gap since the previous one
   divided by the tokens it carried; one sample per token. Tokens per chunk come from the
-  server's running usage (stream_options.continuous_usage_stats) when it sends it, else the
-  --tokenizer, else one per chunk. Equal to vLLM's ITL when every chunk holds one token.
+  server's running usage (stream_options.continuous_usage_stats) when it sends it (usage);
+  else one per chunk when the server's final count equals the number of chunks (chunks);
+  else the --tokenizer, tokenizing each chunk's text (tokenizer); else one per chunk
+  (chunks). The table's "Tokens per chunk from" line says which, for how many requests.
+  Equal to vLLM's ITL when every chunk holds one token.
 ICL (per chunk): raw gaps between consecutive token-carrying chunks (vLLM's "ITL").
 TPOT: (last token time - first token time) / (output tokens - 1), per request
   (aiperf calls this "ITL"; the first token is excluded, unlike guidellm's TPOT).
@@ -47,7 +50,8 @@ Schedule lag: actual send time - intended arrival time (rate and trace modes); a
 Client loop lag: how late the benchmark's event loop wakes from a 5 ms sleep, sampled all
   along; every timestamp can be late by this much. A warning is printed when its p99
   exceeds 10 ms (the generator is near its limit).
-Percentiles: p50/p90/p95/p99 with linear interpolation, plus mean, min and max.
+Percentiles: p50/p90/p95/p99 with linear interpolation, plus mean, min and max; the standard
+  deviation (std) too in --json, results.json and summary.csv (not in the table).
 Errors: http_<status>, connect_error, disconnected, timeout, incomplete_stream, stream_error,
   bad_response, empty_output, cancelled, unexpected_<exception>; a failed request never
   stops the run."""
@@ -314,8 +318,10 @@ def bench(
       dynamo bench compare out-a/ out-b/
 
     A readiness check (/v1/models, then a one-token request) runs before the load.
-    Exit codes: 0 done (failed requests are reported, not fatal), 1 server not ready or every
-    request failed, 2 usage error.
+    Exit codes: 0 done (failed requests are reported, not fatal); 1 server not ready, a
+    --profile run that failed after it started (its logs are kept), or every request failed;
+    2 usage error, also when dynamo serve refuses the profile or a --serve-arg or finds a
+    port taken, when the API key is missing or refused, or when --model is not served.
     """
     if ctx.invoked_subcommand is not None:
         return

@@ -29,7 +29,9 @@ def check(
         None, "--assume-gpus", metavar="N", min=0, help="Plan the profile as if this machine had N GPUs."),
     node: Optional[str] = typer.Option(None, "--node", help="Check only this node's part of a multinode profile."),
     url: Optional[str] = typer.Option(
-        None, "--url", metavar="URL", help="Check this OpenAI-compatible endpoint instead of the newest active run."),
+        None, "--url", metavar="URL",
+        help="Check this OpenAI-compatible endpoint (http://host:port, with or without /v1) instead of the newest "
+        "active run."),
     run: Optional[str] = typer.Option(None, "--run", metavar="RUN", help="Check this run (id, unique prefix or directory)."),
     api_key: Optional[str] = typer.Option(None, "--api-key", envvar=["DYNAMO_API_KEY", "OPENAI_API_KEY"],
                                           show_envvar=True, help="Bearer token for --url or the run's frontend "

@@ -335,7 +335,7 @@ def _build_plan(loaded: LoadedProfile, inventory: GpuInventory, node: str | None
                 f"nats.host: {nats_host} is not a loopback address; set nats.token "
                 f"(for example nats.token: ${{DYNAMO_NATS_TOKEN}}) so NATS is never open on the network"
             )
-        nats_port = profile.nats.port or ports.allocate()
+        nats_port = profile.nats.port or ports.any_free()
         auth = f"{profile.nats.token}@" if profile.nats.token else ""
         nats_url = f"nats://{auth}{nats_host}:{nats_port}"
         binary = nats_server_binary() or "nats-server"
@@ -435,7 +435,7 @@ def _build_plan(loaded: LoadedProfile, inventory: GpuInventory, node: str | None
 
     # Frontend.
     fe = profile.frontend
-    fe_port = fe.port or ports.allocate()
+    fe_port = fe.port or ports.any_free()
     fe_bind = host_for("frontend", fe.host, "host" in fe.model_fields_set)
     fe_host = "127.0.0.1" if fe_bind in ("0.0.0.0", "") else fe_bind
     endpoint = f"http://{fe_host}:{fe_port}"

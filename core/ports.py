@@ -46,12 +46,16 @@ class PortAllocator:
         self.taken.add(port)
         return port
 
+    def any_free(self) -> int:
+        """A port the OS picks (``port: 0``), not one already claimed in the plan."""
+        while True:
+            port = pick_free_port(self.host)
+            if port not in self.taken:
+                return self.claim(port)
+
     def allocate(self) -> int:
         if self.next == 0:
-            while True:
-                port = pick_free_port(self.host)
-                if port not in self.taken:
-                    return self.claim(port)
+            return self.any_free()
         while self.next in self.taken:
             self.next += 1
         if self.next > 65535:
@@ -117,7 +121,7 @@ def describe_process(pid: int | None) -> str:
 def port_setting(owner: str) -> str:
     """The profile setting (as a ``--set``) that moves the port of ``owner`` (``frontend http``...)."""
     if owner.startswith("frontend"):
-        return "frontend.port=0 (0 picks a free port)"
+        return "frontend.port=0 (0 has the OS pick a free port)"
     if owner.startswith("nats"):
         return "nats.port=0"
     return "ports.base=0 (or workers.<group>.port)"

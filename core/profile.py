@@ -127,7 +127,7 @@ class NatsSpec(Strict):
 
     url: str | None = Field(None, description="External NATS; when set nothing is started.")
     host: str = "127.0.0.1"
-    port: int = Field(4222, ge=0, le=65535, description="0 picks a free port.")
+    port: int = Field(4222, ge=0, le=65535, description="0 has the OS pick a free port.")
     token: str | None = Field(
         None, description="Auth token (required when binding a non-loopback address): letters, digits and "
         ". _ ~ + = - (it travels in a nats:// URL; `openssl rand -hex 32` makes one).")
@@ -159,7 +159,7 @@ class NatsSpec(Strict):
 
 class FrontendSpec(Strict):
     host: str = "127.0.0.1"
-    port: int = Field(8000, ge=0, le=65535, description="0 picks a free port.")
+    port: int = Field(8000, ge=0, le=65535, description="0 has the OS pick a free port.")
     migration_limit: int = Field(3, ge=0, description="Times a stream broken midway may move to another worker.")
     api_key: str | None = Field(None, description="Require 'Authorization: Bearer <key>' (use ${VAR}).")
     max_body_mb: float = Field(32.0, gt=0, description="Largest request body accepted, in MiB; a larger one gets "

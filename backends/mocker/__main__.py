@@ -86,8 +86,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: %(default)s)")
     p.add_argument("--port", type=_port, required=True, help="HTTP port to bind (0 picks a free one)")
     p.add_argument("--served-model-name", required=True, help="model name clients must use")
-    p.add_argument("--model-path", help="directory with tokenizer.json (and tokenizer_config.json with "
-                   "chat_template); default: a built-in tokenizer that needs no files")
+    p.add_argument("--model-path", help="directory with tokenizer.json, and optionally tokenizer_config.json "
+                   "(chat_template, eos_token) or chat_template.jinja; default: a built-in tokenizer that needs "
+                   "no files")
     p.add_argument("--block-size", type=_positive_int, default=16, help="tokens per KV block (default: %(default)s)")
     p.add_argument("--num-gpu-blocks", type=_positive_int, default=16384, help="KV blocks in the pool (default: %(default)s)")
     p.add_argument("--max-num-seqs", type=_positive_int, default=256, help="max requests per step (default: %(default)s)")

@@ -163,6 +163,10 @@ def _headline(s: dict) -> Table:
                  + (f" (diff {tok['output_difference']:+d}, {tok['output_difference_pct']:+.2f}%)"
                     if tok["output_difference"] is not None and tok["output_difference_pct"] is not None else "")
                  + f"; requested {tok['output_requested']}"))
+    sources = tok.get("chunk_token_source")
+    if sources and s.get("itl_ms"):
+        rows.append(("Tokens per chunk from", ", ".join(f"{k} ({quantity(v, 'request')})"
+                                                         for k, v in sorted(sources.items()))))
     if tok["short_outputs"]:
         short = tok["short_outputs"]
         rows.append(("Short outputs", f"{quantity(short, 'request')} got fewer tokens than asked"))

@@ -126,6 +126,7 @@ class _PointRun:
         self.loop_lag: list[float] = []
         self.cancelled = 0
         self.issued = 0
+        self.unsent: list[Session] = []  # drawn but not sent (time ran out): the next point sends them first
         self.t0 = 0.0
         self.cap = asyncio.Semaphore(point.max_concurrency) if point.max_concurrency else None
         self._tasks: set[asyncio.Task] = set()
@@ -138,6 +139,11 @@ class _PointRun:
 
     def _time_left(self) -> bool:
         return self.duration is None or time.perf_counter() - self.t0 < self.duration
+
+    def _can_start(self) -> bool:
+        """Whether another session may start: time and request budget left. Checked before a session
+        is drawn, so a point never draws a prompt it will not send (the next point sends it)."""
+        return self._time_left() and (self.num_requests is None or self.issued < self.num_requests)
 
     def _take(self, sess: Session) -> int:
         """Reserve a session's requests from the budget: all its turns when they fit, else what
@@ -233,11 +239,11 @@ class _PointRun:
 
     async def _closed_loop(self, sessions: Iterator[Session], concurrency: int) -> None:
         async def user() -> None:
-            for sess in sessions:
-                turns = self._take(sess)
-                if not turns:
+            while self._can_start():
+                sess = next(sessions, None)
+                if sess is None:
                     return
-                await self._session(sess, None, turns)
+                await self._session(sess, None, self._take(sess))
 
         await self._drain([self._spawn(user()) for _ in range(concurrency)])
 
@@ -247,7 +253,11 @@ class _PointRun:
         gaps = arrival_intervals(point.request_rate or math.inf, point.burstiness, rng) if not point.trace else None
         t_sched = 0.0
         t_first: float | None = None
-        for n, sess in enumerate(sessions):
+        n = 0
+        while self._can_start():
+            sess = next(sessions, None)
+            if sess is None:
+                break
             if point.trace:
                 if t_first is None:
                     t_first = sess.timestamp or 0.0
@@ -255,14 +265,17 @@ class _PointRun:
             elif n > 0:
                 t_sched += next(gaps)  # type: ignore[arg-type]
             if self.duration is not None and t_sched >= self.duration:
+                self.unsent.append(sess)
                 break
             delay = self.t0 + t_sched - time.perf_counter()
             if delay > 0:
                 await asyncio.sleep(delay)
             turns = self._take(sess)
             if not turns:
+                self.unsent.append(sess)
                 break
             self._spawn(self._session(sess, t_sched, turns))
+            n += 1
         await self._drain(list(self._tasks))
 
     async def _drain(self, tasks: list[asyncio.Task]) -> None:
@@ -344,6 +357,7 @@ async def run_benchmark(
                 warm = _PointRun(client, LoadPoint(concurrency=min(width, settings.warmup)), settings, tokenizer,
                                  stats, multi_turn, settings.warmup, None)
                 await warm.run(sessions)
+                sessions = itertools.chain(warm.unsent, sessions)
             num = settings.num_requests
             if num is None and settings.duration is None and not point.trace:
                 num = _default_requests(point)
@@ -352,11 +366,11 @@ async def run_benchmark(
             ahead = _prebuild_count(point, num, settings.duration)
             if ahead:
                 # Build the prompts before the clock starts so generation never delays sending.
-                rest = iter(await _build_ahead(sessions, ahead))
-                await run.run(itertools.chain(rest, sessions))
-                sessions = itertools.chain(rest, sessions)  # later points never reuse a prompt
-            else:
-                await run.run(sessions)
+                sessions = itertools.chain(await _build_ahead(sessions, ahead), sessions)
+            await run.run(sessions)
+            # The next point goes on where this one stopped: no prompt is skipped or sent twice
+            # (a dataset smaller than the whole run is cycled by its workload, not here).
+            sessions = itertools.chain(run.unsent, sessions)
             stats.phase = "summarizing"
             _finalize(run.records, tokenizer)
             summary = summarize(run.records, goodput, run.cancelled)

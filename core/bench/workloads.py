@@ -226,9 +226,9 @@ class SyntheticWorkload:
 class SharedPrefixWorkload:
     """Groups of prompts sharing a prefix (a system prompt), in a shuffled order.
 
-    Each prompt is the group's shared prefix followed by a unique question of
-    ``input_len`` tokens. All ``groups * prompts_per_group`` prompts are sent once in a
-    seeded random order, then the order repeats.
+    Each prompt is the group's shared prefix followed by a question of ``input_len``
+    tokens, generated fresh for every request. The groups come in a seeded random order
+    of ``groups * prompts_per_group`` slots; that order repeats, the questions do not.
     """
 
     name = "shared-prefix"
@@ -298,7 +298,8 @@ class ShareGPTWorkload:
 
     Like ``vllm bench serve``: pairs whose prompt or reply is under 4 tokens, whose prompt is
     over 1024 tokens or whose total is over 2048 tokens are skipped. ``output_len`` (when
-    given) replaces the reply's length. Conversations are shuffled with the seed and cycled.
+    given) replaces the reply's length. Lengths are counted with the tokenizer, else estimated
+    at 1.3 tokens per word. Conversations are shuffled with the seed and cycled.
     """
 
     name = "sharegpt"

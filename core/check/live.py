@@ -18,13 +18,20 @@ def run(ctx: CheckContext, out: Results) -> None:
     if ctx.options.url:
         from dynamo.core.check import live_probe
 
-        live_probe.check_url(ctx, out, ctx.options.url.rstrip("/"))
+        live_probe.check_url(ctx, out, server_root(ctx.options.url))
         return
     run_dir = pick_run(ctx, out)
     if run_dir is not None:
         from dynamo.core.check import live_probe
 
         live_probe.check_run_dir(ctx, out, run_dir)
+
+
+def server_root(url: str) -> str:
+    """``http://h:p``, ``http://h:p/``, ``http://h:p/v1`` and ``http://h:p/v1/`` all become ``http://h:p``:
+    the OpenAI base URL clients are configured with works here as it does for ``dynamo bench``."""
+    url = url.strip().rstrip("/")
+    return url[: -len("/v1")] if url.endswith("/v1") else url
 
 
 def pick_run(ctx: CheckContext, out: Results):

@@ -88,7 +88,10 @@ async def check_run(ctx: CheckContext, out: Results, run) -> None:
             down.add(name)
     workers = {name: specs.get(name, {}) for name, proc in processes.items() if proc.get("kind") == "worker"}
     _compare_discovery(out, run.id, ref, namespace, workers, processes, down, entries)
-    if reply is not None:
+    if reply is not None and reply.get("status") in (401, 403):
+        # the frontend's frontend.api_key: its logs would not say more than that the key is missing
+        _report_refused(out, state["endpoint"], reply["status"], bool(headers))
+    elif reply is not None:
         _report_answer(out, ref, reply)
 
 

@@ -40,6 +40,8 @@ def serve_fake(argv: list[str] | None = None) -> None:
     p.add_argument("--tokens-per-chunk", type=int, default=1)
     p.add_argument("--no-usage", action="store_true", help="never send usage")
     p.add_argument("--reject-continuous", action="store_true", help="400 on continuous_usage_stats")
+    p.add_argument("--reject-field", action="append", default=[], metavar="NAME",
+                   help="400 naming NAME when a body has that field, as servers refusing unknown fields do")
     p.add_argument("--role-chunk", action="store_true", help="send a role-only chunk first (chat)")
     p.add_argument("--error-every", type=int, default=0)
     p.add_argument("--drop-every", type=int, default=0)
@@ -68,6 +70,10 @@ def serve_fake(argv: list[str] | None = None) -> None:
         opts = body.get("stream_options") or {}
         if a.reject_continuous and opts.get("continuous_usage_stats"):
             return web.json_response({"error": {"message": "unknown field continuous_usage_stats"}}, status=400)
+        for name in a.reject_field:
+            if name in body:
+                return web.json_response({"error": {"message": f"1 validation error: {name}: extra inputs are "
+                                                    "not permitted"}}, status=400)
         if body.get("max_tokens", 0) == 1:  # readiness probe: never counted, never failed
             k = 0
         else:

@@ -54,6 +54,8 @@ def test_help_defines_every_metric(bench, monkeypatch):
     for phrase in ("Load-benchmark an OpenAI-compatible endpoint", "TTFT: request sent -> first response chunk that carries a token",
                    "ITL (per token):", "ICL (per chunk):", "TPOT: (last token time - first token time) / (output tokens - 1)",
                    "E2EL: request sent -> last byte", "Goodput:", "Output tok/s per user:", "Schedule lag:",
+                   "the server's final count equals the number of chunks (chunks)",
+                   "plus mean, min and max; the standard deviation (std) too in --json, results.json and summary.csv",
                    "--goodput", "--burstiness", "--concurrency", "--shared-prefix-len", "--dataset", "--output-dir"):
         assert phrase in text, phrase
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import socket
 
 import pytest
@@ -44,6 +45,13 @@ def test_without_per_chunk_usage_tokens_come_from_the_tokenizer(fake_server, ben
     assert s["itl_ms"]["p50"] == pytest.approx(5, rel=0.2)
 
 
+def test_the_table_says_where_tokens_per_chunk_came_from(fake_server, bench, tokenizer_dir):
+    url = fake_server("--itl-ms", "1", "--tokens-per-chunk", "2", "--reject-continuous")
+    proc = bench("--url", url, "-n", "3", "--output-len", "9", "--tokenizer", str(tokenizer_dir), "--no-progress")
+    assert proc.returncode == 0, proc.stderr
+    assert re.search(r"^Tokens per chunk from +tokenizer \(3 requests\) *$", proc.stdout, re.MULTILINE), proc.stdout
+
+
 def test_errors_and_dropped_connections_are_counted(fake_server, bench, tmp_path):
     # Of requests 1..30: every 3rd is a 500, then every 5th is cut before the response,
     # then every 4th is cut after two chunks.
@@ -78,6 +86,20 @@ def test_an_unreachable_server_fails_the_readiness_check(bench):
     proc = bench("--url", f"http://127.0.0.1:{port}", "--ready-timeout", "0.5")
     assert proc.returncode == 1
     assert "is not ready after 0.5s" in proc.stderr and "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("refused, extra, hint", [
+    ("ignore_eos", None, True),
+    ("min_tokens", None, True),
+    ("top_k", '{"top_k": 5}', False),  # the 400 is about --extra-body, not ignore_eos
+])
+def test_the_no_ignore_eos_hint_only_when_the_400_is_about_ignore_eos(fake_server, bench, refused, extra, hint):
+    url = fake_server("--reject-field", refused)
+    proc = bench("--url", url, "-n", "2", "--output-len", "4", "--no-progress",
+                 *(["--extra-body", extra] if extra else []))
+    assert proc.returncode == 1, proc.stderr
+    assert "a one-token test request" in proc.stderr and f"{refused}: extra inputs are not permitted" in proc.stderr
+    assert ("--no-ignore-eos" in proc.stderr) is hint, proc.stderr
 
 
 def test_poisson_arrivals_reach_the_asked_rate(fake_server, bench, tmp_path):
@@ -135,3 +157,24 @@ def test_requests_carry_ignore_eos_usage_options_and_extra_body(fake_server, ben
     assert b["ignore_eos"] is True and b["min_tokens"] == 7 and b["temperature"] == 0.5
     assert b["stream_options"] == {"include_usage": True, "continuous_usage_stats": True}
     assert b["model"] == "fake-model" and b["messages"][0]["role"] == "user"
+
+
+@pytest.mark.parametrize("load", [["-c", "1,2", "-n", "3"], ["-c", "1,2", "-n", "2", "--warmup", "1"],
+                                  ["--request-rate", "200,400", "-n", "3"]],
+                         ids=["sweep", "warmup", "open-loop"])
+def test_every_conversation_is_sent_once_before_any_is_repeated(fake_server, bench, tmp_path, load):
+    # Six conversations, six requests over the points (and warmup): each prompt exactly once. A point
+    # that stopped drawing prompts one too far used to skip one, and the dataset's cycling then sent
+    # another one twice.
+    data = [{"conversations": [{"from": "human", "value": f"question {k} " + "word " * (5 + k)},
+                               {"from": "gpt", "value": "an answer of several words"}]} for k in range(6)]
+    dataset = tmp_path / "six.json"
+    dataset.write_text(json.dumps(data))
+    log = tmp_path / "bodies.jsonl"
+    url = fake_server("--log", str(log))
+    proc = bench("--url", url, "--dataset", str(dataset), "--output-len", "4", "--seed", "3", "--json",
+                 "--no-progress", *load)
+    assert proc.returncode == 0, proc.stderr
+    prompts = [json.loads(x)["messages"][0]["content"] for x in log.read_text().splitlines()
+               if json.loads(x)["max_tokens"] == 4]
+    assert sorted(p.split()[1] for p in prompts) == [str(k) for k in range(6)]

@@ -157,6 +157,16 @@ def test_unknown_mocker_flag_suggests_the_nearest():
         plan_of("name: p\nmodel: {name: m}\nbackend: mocker\nworkers:\n  w: {args: {max-num-seq: 8}}\n")
 
 
+def test_port_0_for_the_frontend_and_nats_has_the_os_pick_a_free_port():
+    low, high = map(int, Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+    plan = plan_of("name: p\nmodel: {name: m}\nworkers: {w: {replicas: 2}}\n", backend="mocker",
+                   overrides=["frontend.port=0", "nats.port=0", "ports.base=8100"])
+    ports = {proc.kind: proc.ports for proc in plan.processes}
+    assert all(low <= port <= high for port in (*ports["frontend"].values(), ports["nats"]["client"])), ports
+    assert {port for proc in plan.processes if proc.kind == "worker" for port in proc.ports.values()} <= set(
+        range(8100, 8120))  # the rest still come from ports.base
+
+
 def test_port_in_use_names_the_holder():
     holder = socket.socket()
     holder.bind(("127.0.0.1", 0))
@@ -169,7 +179,7 @@ def test_port_in_use_names_the_holder():
             check_ports(plan)
         message = str(info.value)
         assert f"port {port} (frontend http) is already in use by pid {os.getpid()}" in message
-        assert message.endswith("choose another port: --set frontend.port=0 (0 picks a free port)"), message
+        assert message.endswith("choose another port: --set frontend.port=0 (0 has the OS pick a free port)"), message
     finally:
         holder.close()
 
