@@ -512,11 +512,9 @@ def _stop_served(served, err, failed: bool) -> None:
     warning = served.stop()
     if warning:
         err.print(f"warning: {warning}")
-    if not served.temporary:
-        return
     if failed or warning:
         err.print(f"the served run's logs are in {served.run_dir / 'logs'} (dynamo logs {served.run_dir})")
-    else:
+    elif served.temporary:
         served.remove()
 
 

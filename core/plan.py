@@ -335,7 +335,8 @@ def _build_plan(loaded: LoadedProfile, inventory: GpuInventory, node: str | None
                 f"nats.host: {nats_host} is not a loopback address; set nats.token "
                 f"(for example nats.token: ${{DYNAMO_NATS_TOKEN}}) so NATS is never open on the network"
             )
-        nats_port = profile.nats.port or ports.any_free()
+        # 0: a port the OS picks; but nodes of a cluster each plan the profile, and must agree
+        nats_port = profile.nats.port or (ports.allocate() if profile.nodes and not collapsed else ports.any_free())
         auth = f"{profile.nats.token}@" if profile.nats.token else ""
         nats_url = f"nats://{auth}{nats_host}:{nats_port}"
         binary = nats_server_binary() or "nats-server"
@@ -392,6 +393,7 @@ def _build_plan(loaded: LoadedProfile, inventory: GpuInventory, node: str | None
             assigner.check_total()
     worker_names: list[str] = []
     refused: list[str] = []  # every group's launch problems, reported together
+    refused_groups: set[str] = set()
     for group_name, group in profile.workers.items():
         worker_host = host_for(group_name, group.host, "host" in group.model_fields_set)
         for replica in range(group.replicas):
@@ -404,11 +406,14 @@ def _build_plan(loaded: LoadedProfile, inventory: GpuInventory, node: str | None
                 host=worker_host, port=port, gpus=assigned, allocate_port=ports.allocate,
                 args_from_other_backend=("backend",) in loaded.sources.overrides,
             )
+            if group_name in refused_groups:
+                continue  # its other replicas have the same args (their GPUs were still assigned)
             try:
                 launch = custom_launch(ctx) if group.command else backend.launch(ctx)
             except PlanError as exc:
                 refused.append(str(exc))
-                break  # its other replicas have the same args
+                refused_groups.add(group_name)
+                continue
             env = {**profile.env, **launch.env, **group.env}
             if backend.uses_gpus:
                 env["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, assigned))
@@ -536,12 +541,12 @@ def check_engine_argvs(plan: Plan, loaded: LoadedProfile | None = None) -> None:
 def _argv_problem(proc: ProcessSpec, message: str, loaded: LoadedProfile | None) -> str:
     if loaded is None or proc.group not in loaded.profile.workers:
         return f"{proc.name}: {message}"
-    args = loaded.profile.workers[proc.group].args
     path = f"workers.{proc.group}"
     flag = _FLAG.search(message)
     if flag:
-        name = flag.group(1)
-        key = next((k for k in (name, name.replace("-", "_"), name.replace("_", "-")) if k in args), None)
+        spellings = {flag.group(1).replace("_", "-")}
+        key = next((k for k in loaded.profile.workers[proc.group].args
+                    if str(k).lstrip("-").replace("_", "-") in spellings), None)
         if key is not None:
             path += f".args.{key}"
     return locate(loaded, f"{path}: {message}")

@@ -127,7 +127,8 @@ class NatsSpec(Strict):
 
     url: str | None = Field(None, description="External NATS; when set nothing is started.")
     host: str = "127.0.0.1"
-    port: int = Field(4222, ge=0, le=65535, description="0 has the OS pick a free port.")
+    port: int = Field(4222, ge=0, le=65535, description="0 has the OS pick a free port (with nodes: the next "
+                      "port from ports.base, so that every node plans the same one).")
     token: str | None = Field(
         None, description="Auth token (required when binding a non-loopback address): letters, digits and "
         ". _ ~ + = - (it travels in a nats:// URL; `openssl rand -hex 32` makes one).")

@@ -243,7 +243,11 @@ class _PointRun:
                 sess = next(sessions, None)
                 if sess is None:
                     return
-                await self._session(sess, None, self._take(sess))
+                turns = self._take(sess)
+                if not turns:  # time ran out while it was being built
+                    self.unsent.append(sess)
+                    return
+                await self._session(sess, None, turns)
 
         await self._drain([self._spawn(user()) for _ in range(concurrency)])
 

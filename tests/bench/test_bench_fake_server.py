@@ -92,6 +92,7 @@ def test_an_unreachable_server_fails_the_readiness_check(bench):
     ("ignore_eos", None, True),
     ("min_tokens", None, True),
     ("top_k", '{"top_k": 5}', False),  # the 400 is about --extra-body, not ignore_eos
+    ("stream_options", None, False),  # about another field bench sends
 ])
 def test_the_no_ignore_eos_hint_only_when_the_400_is_about_ignore_eos(fake_server, bench, refused, extra, hint):
     url = fake_server("--reject-field", refused)

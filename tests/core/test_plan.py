@@ -167,6 +167,21 @@ def test_port_0_for_the_frontend_and_nats_has_the_os_pick_a_free_port():
         range(8100, 8120))  # the rest still come from ports.base
 
 
+def test_nats_port_0_on_a_cluster_is_the_same_port_on_every_node():
+    text = (SHIPPED_PROFILES_DIR / "multinode.yaml").read_text()
+    urls = {node: build_plan(parse_profile(text, "m.yaml", env={"DYNAMO_NATS_TOKEN": "t"}, backend="mocker",
+                                           overrides=["nats.port=0"]), assumed_inventory(8), node=node).nats_url
+            for node in ("head", "gpu")}
+    assert urls["head"] == urls["gpu"], urls  # each node's supervisor plans it; the workers must find it
+
+
+def test_refused_engine_args_do_not_hide_gpu_problems():
+    with pytest.raises(PlanError) as info:
+        plan_of("name: p\nmodel: {name: m}\nworkers:\n"
+                "  a: {replicas: 2, gpus: [0, 1], args: {max-num-seq: 4}}\n  b: {gpus: [1]}\n", gpus=4)
+    assert "workers.a.args.max-num-seq" in str(info.value) and "GPU 1 is already used by a-1" in str(info.value)
+
+
 def test_port_in_use_names_the_holder():
     holder = socket.socket()
     holder.bind(("127.0.0.1", 0))

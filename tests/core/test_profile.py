@@ -129,6 +129,10 @@ def test_validate_judges_engine_arguments_as_serve_does(tmp_path: Path):
     result = dynamo("profile", "validate", str(several))  # every problem at once, not one per try
     assert [line.split(": ")[2] for line in result.stderr.splitlines()] == [
         "workers.p.args.max-num-seq", "workers.p.args.port", "workers.d.args.speedup-ratoi"], result.stderr
+    dashed = tmp_path / "dashed.yaml"
+    dashed.write_text(value.read_text().replace("max-num-seqs: abc", "--max-num-seqs: abc"))
+    result = dynamo("profile", "validate", str(dashed))  # the key as written, however it is spelt
+    assert f"error: {dashed}:8:7: workers.w.args.--max-num-seqs: the mocker rejects" in result.stderr, result.stderr
     result = dynamo("serve", str(value), "--dry-run")
     assert result.returncode == 2 and f"error: {value}:8:7: workers.w.args.max-num-seqs: the mocker" in result.stderr
     for args in (["profile", "validate", "agg"], ["serve", "agg", "--dry-run"]):  # the engine's parser judges values

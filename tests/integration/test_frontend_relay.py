@@ -413,6 +413,7 @@ class RawWorker:
 
     def __init__(self, script):
         self.script = script
+        self.server: asyncio.AbstractServer | None = None
 
     async def start(self) -> str:
         async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -427,8 +428,20 @@ class RawWorker:
             finally:
                 writer.close()
 
-        server = await asyncio.start_server(serve, "127.0.0.1", 0)
-        return f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+        self.server = await asyncio.start_server(serve, "127.0.0.1", 0)
+        return f"http://127.0.0.1:{self.server.sockets[0].getsockname()[1]}"
+
+
+@asynccontextmanager
+async def raw_workers(*scripts):
+    """One RawWorker per script; yields their URLs and closes their servers on exit."""
+    workers = [RawWorker(script) for script in scripts]
+    try:
+        yield [await worker.start() for worker in workers]
+    finally:
+        for worker in workers:
+            if worker.server is not None:
+                worker.server.close()
 
 
 async def accept_then_die(writer: asyncio.StreamWriter) -> None:
@@ -475,8 +488,7 @@ def first_error(body: bytes) -> dict:
 def test_a_retry_into_an_open_stream_refused_with_a_400_gives_the_client_the_workers_error():
     # A accepts (the client's headers go out) and dies before its first event; B refuses the retry
     async def main() -> None:
-        a, b = RawWorker(accept_then_die), RawWorker(refuse_with_400)
-        async with running_frontend([await a.start(), await b.start()]) as (frontend, server):
+        async with raw_workers(accept_then_die, refuse_with_400) as urls, running_frontend(urls) as (frontend, server):
             head, rest = await raw_post(server)
             assert head.startswith(b"HTTP/1.1 200")
             error = first_error(rest)
@@ -490,8 +502,7 @@ def test_a_retry_into_an_open_stream_refused_with_a_400_gives_the_client_the_wor
 
 def test_an_open_stream_that_finds_no_worker_ends_with_a_503_event_counted_as_a_503():
     async def main() -> None:
-        a = RawWorker(accept_then_die)
-        async with running_frontend([await a.start()]) as (frontend, server):
+        async with raw_workers(accept_then_die) as urls, running_frontend(urls) as (frontend, server):
             head, rest = await raw_post(server)  # the retry waits 3 s for a worker to join
             assert head.startswith(b"HTTP/1.1 200")
             error = first_error(rest)
@@ -507,8 +518,7 @@ def test_an_open_stream_that_finds_no_worker_ends_with_a_503_event_counted_as_a_
 def test_an_http_1_0_client_asking_for_keep_alive_gets_the_end_of_its_stream():
     # HTTP/1.0 has no chunked encoding: the stream must end with the connection
     async def main() -> None:
-        b = RawWorker(answer)
-        async with running_frontend([await b.start()]) as (frontend, server):
+        async with raw_workers(answer) as urls, running_frontend(urls) as (frontend, server):
             head, rest = await raw_post(server, b"1.0", b"Connection: keep-alive\r\n", timeout=5)
             assert head.startswith(b"HTTP/1.0 200") and rest.endswith(b"data: [DONE]\n\n"), (head, rest)
 
