@@ -60,7 +60,7 @@ def serve(profile: str, overrides: list[str], backend: str | None, dry_run: bool
 
 def _claim(run: RunDir) -> int:
     """Lock the run directory for this run's supervisor (held until it exits): one per directory."""
-    fd = os.open(run.path / "supervisor.lock", os.O_RDWR | os.O_CREAT, 0o600)
+    fd = os.open(run.lock_path, os.O_RDWR | os.O_CREAT, 0o600)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import fcntl
 import json
 import os
 import secrets
@@ -94,6 +95,7 @@ class RunDir:
         self.logs = path / "logs"
         self.state_path = path / "state.json"
         self.events_path = path / "events.log"
+        self.lock_path = path / "supervisor.lock"  # flocked by the run's supervisor while it runs
 
     @property
     def marker(self) -> str:
@@ -118,6 +120,20 @@ class RunDir:
             return json.loads(self.state_path.read_text())
         except (OSError, json.JSONDecodeError):
             return {}
+
+    def locked(self) -> bool:
+        """Whether a process holds the supervisor's lock on this run (False when there is no lock file)."""
+        try:
+            fd = os.open(self.lock_path, os.O_RDONLY)
+        except OSError:
+            return False
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        finally:
+            os.close(fd)
+        return False
 
     def event(self, process: str, event: str, **details: Any) -> None:
         record = {"ts": utc_stamp(), "process": process, "event": event, **details}

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import fcntl
 import json
-import os
 import re
 import shutil
 import subprocess
@@ -96,15 +94,15 @@ class ServedProfile:
         """Whether this run has a supervisor to stop; waits (bounded) for one still starting to write its
         state. ``dynamo serve`` hands its lock on the run directory to the supervisor it starts, so a lock
         held by someone else (``dynamo serve`` itself has exited by now) is a supervisor."""
+        from dynamo.core.rundir import RunDir
+
+        run = RunDir(self.run_dir)
         deadline = time.monotonic() + wait
         while True:
-            try:
-                if json.loads((self.run_dir / "state.json").read_text()).get("supervisor_pid"):
-                    return True
-            except (OSError, ValueError):
-                pass
-            if not _locked(self.run_dir / "supervisor.lock"):
-                return (self.run_dir / "state.json").exists()
+            if run.read_state().get("supervisor_pid"):
+                return True
+            if not run.locked():
+                return run.state_path.exists()
             if time.monotonic() > deadline:
                 return True  # let dynamo stop say what it finds
             time.sleep(0.1)
@@ -133,18 +131,3 @@ class ServedProfile:
 
     def __exit__(self, *exc) -> None:
         self.stop()
-
-
-def _locked(path: Path) -> bool:
-    """Whether another process holds the flock on ``path`` (False when there is no such file)."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return False
-    try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return True
-    finally:
-        os.close(fd)
-    return False

@@ -30,8 +30,9 @@ def run(ctx: CheckContext, out: Results) -> None:
 def server_root(url: str) -> str:
     """``http://h:p``, ``http://h:p/``, ``http://h:p/v1`` and ``http://h:p/v1/`` all become ``http://h:p``:
     the OpenAI base URL clients are configured with works here as it does for ``dynamo bench``."""
-    url = url.strip().rstrip("/")
-    return url[: -len("/v1")] if url.endswith("/v1") else url
+    from dynamo.core.bench.client import normalize_base_url
+
+    return normalize_base_url(url).removesuffix("/v1")
 
 
 def pick_run(ctx: CheckContext, out: Results):

@@ -380,7 +380,6 @@ async def check_endpoint(ctx: CheckContext, out: Results, url: str) -> None:
 
     host = urlsplit(url).hostname or ""
     timeout = min(REQUEST_TIMEOUT, max(0.2, ctx.deadline - time.monotonic() - 0.3))
-    key = ctx.options.api_key
     headers = _auth(ctx)
     async with aiohttp.ClientSession(trust_env=not is_loopback(host),
                                      connector=aiohttp.TCPConnector(force_close=True)) as session:
@@ -406,7 +405,7 @@ async def check_endpoint(ctx: CheckContext, out: Results, url: str) -> None:
             out.error("health", f"GET {url}/health answered {health['status']}: {health['body'][:200]!r}",
                       "the server is up but not healthy: see its logs", url=url)
         if models.get("status") in (401, 403):
-            _report_refused(out, url, models["status"], bool(key))
+            _report_refused(out, url, models["status"], bool(headers))
             return
         if health["status"] == 503:
             return  # no worker can serve: a request would wait for one to join (reported above)
@@ -417,7 +416,7 @@ async def check_endpoint(ctx: CheckContext, out: Results, url: str) -> None:
         out.ok("models", f"serves {model}", model=model)
         reply = await _one_token(session, url, model, timeout, headers)
     if reply.get("status") in (401, 403):
-        _report_refused(out, url, reply["status"], bool(key))
+        _report_refused(out, url, reply["status"], bool(headers))
         return
     _report_answer(out, None, reply)
 
