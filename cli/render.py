@@ -49,6 +49,7 @@ def slurm(
     partition: Optional[str] = typer.Option(None, "--partition", "-p"),
     time_limit: Optional[str] = typer.Option(None, "--time", "-t", help="Slurm time limit, e.g. 04:00:00."),
     account: Optional[str] = typer.Option(None, "--account", "-A"),
+    backend: Optional[str] = typer.Option(None, "--backend", help="Replace the profile's backend on every node."),
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="Write here instead of stdout."),
 ) -> None:
     """An sbatch script: one host per profile node, `dynamo serve --node` on each with srun.
@@ -62,7 +63,8 @@ def slurm(
 
     @user_errors
     def run() -> None:
-        loaded = load_profile(profile, overrides or [])
-        write_output(render_slurm(loaded, str(loaded.path), overrides or [], partition, time_limit, account), output)
+        loaded = load_profile(profile, overrides or [], backend=backend)
+        write_output(render_slurm(loaded, str(loaded.path), overrides or [], partition, time_limit, account, backend),
+                     output)
 
     run()

@@ -22,7 +22,7 @@ from dynamo.core.errors import PlanError, UsageError
 from dynamo.core.gpus import GpuInventory
 from dynamo.core.nats_server import (NATS_URL_ENV, nats_server_argv, nats_server_binary, nats_server_config,
                                      redact_url)
-from dynamo.core.ports import PortAllocator, PortClaim, busy_ports, is_loopback
+from dynamo.core.ports import PortAllocator, PortClaim, busy_ports, is_loopback, port_setting
 from dynamo.core.profile import LoadedProfile, Profile, ReadinessProbe, RestartPolicy
 from dynamo.core.text import quantity
 
@@ -115,14 +115,16 @@ class Plan(BaseModel):
     gpu_inventory: str
     custom_commands: list[str] = Field(default_factory=list, description="Worker groups running their own command.")
     notes: list[str] = Field(default_factory=list)
+    fixed_ports: dict[int, str] = Field(default_factory=dict, description="Ports the profile sets: port -> its key.")
     processes: list[ProcessSpec]
 
     def port_claims(self) -> list[PortClaim]:
-        return [
-            PortClaim(proc.host, port, f"{proc.name} {label}")
-            for proc in self.processes
-            for label, port in proc.ports.items()
-        ]
+        claims = []
+        for proc in self.processes:
+            for label, port in proc.ports.items():
+                owner = f"{proc.name} {label}"
+                claims.append(PortClaim(proc.host, port, owner, port_setting(owner, self.fixed_ports.get(port))))
+        return claims
 
     def get(self, name: str) -> ProcessSpec:
         for proc in self.processes:
@@ -258,7 +260,7 @@ def locate(loaded: LoadedProfile, message: str) -> str:
     for line in message.splitlines():
         key = _KEY_PATH.match(line)
         if key:
-            where = loaded.sources.where(tuple(key.group(1).split(".")))
+            where = loaded.sources.where(loaded.sources.path_of(key.group(1)))
             line = f"{where}: {line[key.end():]}" if where == f"--set {key.group(1)}" else f"{where}: {line}"
         lines.append(line)
     return "\n".join(lines)
@@ -312,16 +314,17 @@ def _build_plan(loaded: LoadedProfile, inventory: GpuInventory, node: str | None
     namespace = profile.name
 
     # Explicit ports are claimed first so automatic ones never collide with them.
-    explicit: list[tuple[int, str]] = []
+    explicit: list[tuple[int, str, str]] = []  # port, its owner, the profile key that sets it
     if profile.frontend.port:
-        explicit.append((profile.frontend.port, "frontend"))
+        explicit.append((profile.frontend.port, "frontend", "frontend.port"))
     if profile.nats.embedded and profile.nats.port:
-        explicit.append((profile.nats.port, "nats"))
+        explicit.append((profile.nats.port, "nats", "nats.port"))
     for group_name, group in profile.workers.items():
         if group.port:
-            explicit += [(group.port + i, f"{group_name}-{i}") for i in range(group.replicas)]
+            explicit += [(group.port + i, f"{group_name}-{i}", f"workers.{group_name}.port")
+                         for i in range(group.replicas)]
     seen: dict[int, str] = {}
-    for port, owner in explicit:
+    for port, owner, _ in explicit:
         if port in seen:
             raise PlanError(f"port {port} is planned for both {seen[port]} and {owner}; give each its own port")
         seen[port] = owner
@@ -479,6 +482,7 @@ def _build_plan(loaded: LoadedProfile, inventory: GpuInventory, node: str | None
         endpoint=endpoint if any(p.kind == "frontend" for p in processes) else None,
         node=node, gpu_inventory=inventory.detail or inventory.source, processes=processes,
         custom_commands=[name for name, g in profile.workers.items() if g.command], notes=notes,
+        fixed_ports={port: key for port, _, key in explicit},
     )
 
 

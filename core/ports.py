@@ -15,6 +15,7 @@ class PortClaim:
     host: str
     port: int
     owner: str  # "frontend", "decode-0 http", ...
+    setting: str = ""  # the --set that moves it (port_setting)
 
 
 def is_loopback(host: str) -> bool:
@@ -118,13 +119,18 @@ def describe_process(pid: int | None) -> str:
     return f"pid {pid} ({cmd})"
 
 
-def port_setting(owner: str) -> str:
-    """The profile setting (as a ``--set``) that moves the port of ``owner`` (``frontend http``...)."""
+def port_setting(owner: str, key: str | None = None) -> str:
+    """The profile setting (as a ``--set``) that moves the port of ``owner`` (``frontend http``...).
+
+    ``key`` is the profile key that set the port explicitly (``workers.decode.port``), if one did.
+    """
     if owner.startswith("frontend"):
         return "frontend.port=0 (0 has the OS pick a free port)"
     if owner.startswith("nats"):
         return "nats.port=0"
-    return "ports.base=0 (or workers.<group>.port)"
+    if key:
+        return f"{key}=0 (0 takes ports from ports.base), or another port"
+    return "ports.base=0 (0 has the OS pick free ports)"
 
 
 def busy_ports(claims: list[PortClaim]) -> list[str]:
@@ -135,5 +141,5 @@ def busy_ports(claims: list[PortClaim]) -> list[str]:
             holder = port_holder(claim.port)
             held = f" by {holder}" if holder else ""
             problems.append(f"port {claim.port} ({claim.owner}) is already in use{held}; "
-                            f"free it, or choose another port: --set {port_setting(claim.owner)}")
+                            f"free it, or choose another port: --set {claim.setting or port_setting(claim.owner)}")
     return problems

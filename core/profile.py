@@ -322,6 +322,18 @@ class SourceMap:
     value_positions: dict[tuple, tuple[int, int]] = field(default_factory=dict)
     overrides: set[tuple] = field(default_factory=set)
 
+    def path_of(self, dotted: str) -> tuple:
+        """The key path a dotted name means: ``workers.w.args.compilation-config.level`` is
+        ``(..., "args", "compilation-config.level")`` when the profile wrote that key with its dot."""
+        best, longest = tuple(dotted.split(".")), -1
+        for path in self.positions.keys() | self.overrides:
+            if not any("." in str(key) for key in path):
+                continue  # split on dots it is already the plain reading
+            joined = ".".join(map(str, path))
+            if (dotted == joined or dotted.startswith(joined + ".")) and len(joined) > longest:
+                best, longest = path, len(joined)
+        return best
+
     def where(self, path: tuple, value: bool = False) -> str:
         """``file:line:col`` of a key (or of its value), or the ``--set`` flag that set it."""
         probe = tuple(path)

@@ -114,7 +114,7 @@ def check_gpus(ctx: CheckContext, state: ProfileState, out: Results) -> None:
 
 
 def check_ports(ctx: CheckContext, state: ProfileState, out: Results) -> None:
-    from dynamo.core.ports import port_is_free, port_setting
+    from dynamo.core.ports import port_is_free
 
     claims = state.plan.port_claims()
     busy = []
@@ -129,7 +129,7 @@ def check_ports(ctx: CheckContext, state: ProfileState, out: Results) -> None:
             busy.append(claim)
     for claim in busy:
         holder, fix = describe_holder(ctx, claim.port)
-        setting = port_setting(claim.owner)
+        setting = claim.setting
         out.error("port", f"port {claim.port} ({claim.owner}) is taken{' by ' + holder if holder else ''}",
                   f"{fix + ', or ' if fix else ''}choose another port: --set {setting}",
                   port=claim.port, owner=claim.owner, holder=holder)

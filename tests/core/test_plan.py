@@ -182,6 +182,35 @@ def test_refused_engine_args_do_not_hide_gpu_problems():
     assert "workers.a.args.max-num-seq" in str(info.value) and "GPU 1 is already used by a-1" in str(info.value)
 
 
+def test_a_refused_dotted_engine_arg_is_located_at_its_own_line():
+    with pytest.raises(PlanError) as info:
+        plan_of("name: p\nbackend: mocker\nmodel: {name: m}\nworkers:\n  w:\n    args:\n"
+                "      max-num-seqs: 4\n      compilation-config.level: 3\n")
+    assert str(info.value).startswith("p.yaml:8:7: workers.w.args.compilation-config.level: "), str(info.value)
+
+
+@pytest.mark.parametrize("explicit, setting", [
+    (True, "workers.w.port=0 (0 takes ports from ports.base), or another port"),
+    (False, "ports.base=0 (0 has the OS pick free ports)"),
+])
+def test_a_taken_worker_port_names_the_key_that_moves_it(explicit, setting):
+    holder = socket.socket()
+    holder.bind(("127.0.0.1", 0))
+    holder.listen()
+    port = holder.getsockname()[1]
+    try:
+        moved = [f"workers.w.port={port}", "ports.base=0"] if explicit else [f"ports.base={port}"]
+        plan = plan_of("name: p\nmodel: {name: m}\nworkers: {w: {}}\n", backend="mocker",
+                       overrides=["frontend.port=0", "nats.port=0", *moved])
+        with pytest.raises(UsageError) as info:
+            check_ports(plan)
+        message = str(info.value)
+        assert f"port {port} (w-0 http) is already in use" in message
+        assert message.endswith(f"choose another port: --set {setting}"), message
+    finally:
+        holder.close()
+
+
 def test_port_in_use_names_the_holder():
     holder = socket.socket()
     holder.bind(("127.0.0.1", 0))

@@ -94,6 +94,14 @@ def test_slurm_script_starts_each_node_with_every_address(tmp_path):
     assert script.count("dynamo serve \"$PROFILE\"") == 2
 
 
+def test_slurm_backend_reaches_every_node_and_sizes_the_gpu_request():
+    result = dynamo("render", "slurm", "multinode", "--backend", "mocker", env={"DYNAMO_NATS_TOKEN": "tok"})
+    assert result.returncode == 0, result.stderr
+    serves = [line for line in result.stdout.splitlines() if "dynamo serve" in line and line.startswith("srun")]
+    assert len(serves) == 2 and all("--backend mocker" in line for line in serves), serves
+    assert "--gpus-per-node" not in result.stdout  # the mocker needs no GPU
+
+
 def test_slurm_refuses_a_secret_given_with_set():
     # the script repeats each --set on every node's command line
     result = dynamo("render", "slurm", "multinode", "--set", "nats.token=s3cret-tok")
