@@ -79,7 +79,7 @@ class Backend:
             base = flag[3:] if flag.startswith("no-") else flag
             if self.known_flags and base not in self.known_flags or flag in self.owned_flags:
                 if ctx.args_from_other_backend:
-                    notes.append(f"dropped --{flag} (not a {self.name} flag)")
+                    notes.append(dropped_note(flag, self.name, self.known_flags))
                     continue
                 hint = difflib.get_close_matches(base, sorted(self.known_flags), n=1, cutoff=0.6)
                 suggestion = f"; did you mean {hint[0]!r}?" if hint else ""
@@ -89,6 +89,13 @@ class Backend:
         if problems:
             raise PlanError("\n".join(problems))
         return args_to_flags(kept)
+
+
+def dropped_note(flag: str, engine: str, known) -> str:
+    """The plan note for an arg written for another engine and dropped for ``engine``; a near twin
+    among ``engine``'s flags is named, since that is more likely a typo than another engine's flag."""
+    twin = difflib.get_close_matches(flag, sorted(known or ()), n=1, cutoff=0.85)
+    return f"dropped --{flag} (not a {engine} flag{f'; did you mean {twin[0]!r}?' if twin else ''})"
 
 
 def one_token_warmup(ctx: WorkerContext) -> dict:

@@ -23,7 +23,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from dynamo.backends.base import Backend, WorkerContext
+from dynamo.backends.base import Backend, WorkerContext, dropped_note
 from dynamo.core.errors import PlanError
 from dynamo.core.ports import is_loopback  # noqa: F401  (the engine modules import it from here)
 
@@ -260,7 +260,7 @@ class EngineBackend(Backend):
 
     def _unknown(self, ctx: WorkerContext, where: str, flag: str, notes: list[str]) -> None:
         if ctx.args_from_other_backend:
-            notes.append(f"dropped --{flag} (not a {self.name} flag)")
+            notes.append(dropped_note(flag, self.name, self.flags.flags))
             return
         hint = self.flags.nearest(flag.partition(".")[0])
         suggestion = (f"; did you mean {hint!r}?" if hint

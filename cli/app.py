@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import os
 import re
 from pathlib import Path
@@ -11,7 +12,7 @@ from typing import TYPE_CHECKING, Callable, List, Optional
 
 import typer
 
-from dynamo.cli.helptext import reflow_help
+from dynamo.cli.helptext import BACKEND_METAVAR, BACKEND_NAMES, reflow_help
 from dynamo.core.errors import UsageError
 from dynamo.core.text import quantity
 
@@ -110,7 +111,7 @@ ProfileArg = typer.Argument(..., help="A profile file, or the name of a shipped 
                             show_default=False)
 SetOpt = typer.Option(None, "--set", metavar="KEY.PATH=VALUE",
                       help="Override a profile value, e.g. --set frontend.port=8080 --set workers.decode.replicas=2.")
-BackendOpt = typer.Option(None, "--backend", help="Replace the profile's backend: mocker runs any profile on a CPU.")
+BackendOpt = typer.Option(None, "--backend", metavar=BACKEND_METAVAR, help="Replace the profile's backend (" + BACKEND_NAMES + "): mocker runs any profile on a CPU.")
 
 
 @app.command()
@@ -187,11 +188,18 @@ def logs(
     runs.logs(run, processes or [], follow, tail, since, grep, timestamps, no_prefix)
 
 
+def _seconds(value: float) -> float:
+    if not math.isfinite(value) or value < 0:
+        raise typer.BadParameter(f"expected a number of seconds >= 0, got {value:g}")
+    return value
+
+
 @app.command()
 @user_errors
 def stop(
     run: Optional[str] = RunArg,
-    timeout: float = typer.Option(120.0, "--timeout", help="Seconds to wait for a graceful stop before killing everything."),
+    timeout: float = typer.Option(120.0, "--timeout", metavar="SECONDS", callback=_seconds,
+                                  help="Seconds to wait for a graceful stop before killing everything (0: kill now)."),
 ) -> None:
     """Stop a run as Ctrl-C would: reverse order, grace periods, then SIGKILL."""
     from dynamo.cli import runs

@@ -8,6 +8,8 @@ from typing import List, Optional
 
 import typer
 
+from dynamo.cli.helptext import BACKEND_METAVAR, BACKEND_NAMES
+
 from dynamo.core.errors import UsageError
 
 SYMBOLS = {"ok": ("✓", "green"), "warn": ("⚠", "yellow"), "error": ("✗", "red"), "info": ("·", "dim")}
@@ -24,7 +26,7 @@ def check(
         help="Only these sections: system, gpus, software, profile, live (repeat, or comma-separate)."),
     overrides: Optional[List[str]] = typer.Option(
         None, "--set", metavar="KEY.PATH=VALUE", help="Override a profile value, as dynamo serve --set does."),
-    backend: Optional[str] = typer.Option(None, "--backend", help="Replace the profile's backend, as dynamo serve --backend does."),
+    backend: Optional[str] = typer.Option(None, "--backend", metavar=BACKEND_METAVAR, help="Replace the profile's backend (" + BACKEND_NAMES + "), as dynamo serve --backend does."),
     assume_gpus: Optional[int] = typer.Option(
         None, "--assume-gpus", metavar="N", min=0, help="Plan the profile as if this machine had N GPUs."),
     node: Optional[str] = typer.Option(None, "--node", help="Check only this node's part of a multinode profile."),

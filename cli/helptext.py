@@ -11,6 +11,9 @@ import inspect
 
 import typer
 
+BACKEND_METAVAR = "ENGINE"
+BACKEND_NAMES = "mocker, vllm, sglang, trtllm"  # core.profile.BACKENDS, for --backend help (a test keeps them equal)
+
 
 def reflow(text: str) -> str:
     """One line per paragraph or list item.

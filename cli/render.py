@@ -7,6 +7,8 @@ from typing import List, Optional
 
 import typer
 
+from dynamo.cli.helptext import BACKEND_METAVAR, BACKEND_NAMES
+
 render_app = typer.Typer(help="Render a profile for a cluster scheduler (Kubernetes, Slurm).", no_args_is_help=True)
 
 
@@ -15,7 +17,7 @@ def k8s(
     profile: str = typer.Argument(..., help="Profile file or shipped profile name."),
     image: str = typer.Option(..., "--image", help="Container image with dynamo and the engine installed."),
     overrides: Optional[List[str]] = typer.Option(None, "--set", metavar="KEY.PATH=VALUE", help="Override a profile value."),
-    backend: Optional[str] = typer.Option(None, "--backend", help="Replace the profile's backend."),
+    backend: Optional[str] = typer.Option(None, "--backend", metavar=BACKEND_METAVAR, help="Replace the profile's backend (" + BACKEND_NAMES + ")."),
     namespace: Optional[str] = typer.Option(None, "--namespace", "-n", help="Kubernetes namespace for every object."),
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="Write here instead of stdout."),
 ) -> None:
@@ -46,10 +48,10 @@ def k8s(
 def slurm(
     profile: str = typer.Argument(..., help="Profile file (the path the job will read) or shipped profile name."),
     overrides: Optional[List[str]] = typer.Option(None, "--set", metavar="KEY.PATH=VALUE", help="Override a profile value."),
-    partition: Optional[str] = typer.Option(None, "--partition", "-p"),
+    partition: Optional[str] = typer.Option(None, "--partition", "-p", help="Slurm partition (#SBATCH --partition)."),
     time_limit: Optional[str] = typer.Option(None, "--time", "-t", help="Slurm time limit, e.g. 04:00:00."),
-    account: Optional[str] = typer.Option(None, "--account", "-A"),
-    backend: Optional[str] = typer.Option(None, "--backend", help="Replace the profile's backend on every node."),
+    account: Optional[str] = typer.Option(None, "--account", "-A", help="Slurm account to charge (#SBATCH --account)."),
+    backend: Optional[str] = typer.Option(None, "--backend", metavar=BACKEND_METAVAR, help="Replace the profile's backend (" + BACKEND_NAMES + ") on every node."),
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="Write here instead of stdout."),
 ) -> None:
     """An sbatch script: one host per profile node, `dynamo serve --node` on each with srun.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import heapq
 import json
 import os
@@ -53,9 +54,15 @@ def ps(run: str | None, as_json: bool, all_runs: bool) -> None:
         if as_json:
             typer.echo(json.dumps(rows, indent=2))
             return
-        table = Table("RUN", "STATUS", "PROFILE", "ENDPOINT", "UP", box=None)
+        # The run id (which starts with the profile's name) is what `logs`, `stop` and `check` take:
+        # never cut; the other columns wrap first.
+        table = Table(box=None)
+        table.add_column("RUN", no_wrap=True, min_width=max((len(r["run"]) for r in rows), default=3))
+        table.add_column("STATUS", overflow="fold")
+        table.add_column("ENDPOINT", overflow="fold")
+        table.add_column("UP", no_wrap=True)
         for row in rows:
-            table.add_row(row["run"], row["status"], row["profile"] or "", row["endpoint"] or "",
+            table.add_row(row["run"], row["status"], row["endpoint"] or "",
                           _uptime(row["started_at"]) if row["status"] in ("ready", "starting") else "-")
         console.print(table)
         return
@@ -120,13 +127,14 @@ def logs(run: str | None, processes: list[str], follow: bool, tail: int | None, 
          grep: str | None, timestamps: bool, no_prefix: bool) -> None:
     try:
         chosen = resolve_run(run)
-    except RunNotFound:
+    except RunNotFound as exc:
         if run is None:
             raise
         chosen = find_run(None)  # `dynamo logs decode-0`: a process of the newest run
         processes = [run, *processes]
         if not (chosen.logs / f"{run}.log").exists():
-            raise
+            available = ", ".join(sorted(p.stem for p in chosen.logs.glob("*.log")))
+            raise RunNotFound(f"{exc}; nor is {run!r} a process of run {chosen.id} (it has: {available})") from None
     available = sorted(p.stem for p in chosen.logs.glob("*.log"))
     for name in processes:
         if name not in available:
@@ -186,6 +194,10 @@ def logs(run: str | None, processes: list[str], follow: bool, tail: int | None, 
                     if keep(ts, body):
                         show(name, stamp, body)
             if not active:
+                state = chosen.read_state()
+                typer.echo(f"run {chosen.id} is {run_status(state)}"
+                           + (f": {state['failure']}" if state.get("failure") else "") + "; no more logs to follow",
+                           err=True)
                 return
             time.sleep(0.2)
     except KeyboardInterrupt:
@@ -209,14 +221,35 @@ def stop(run: str | None, timeout: float) -> int:
             break
         time.sleep(0.1)
     else:
-        typer.secho(f"not stopped after {timeout:g}s: killing the supervisor and every process of the run",
-                    fg="yellow", err=True)
-        os.kill(pid, signal.SIGKILL)
-        time.sleep(0.3)
-        proctree.signal_all(None, proctree.marked_processes(chosen.marker), signal.SIGKILL)
-        return 1
+        typer.secho(f"not stopped after {timeout:g}s: killing the supervisor and every process of the run"
+                    if timeout else "killing the supervisor and every process of the run", fg="yellow", err=True)
+        return _kill(chosen, pid, state.get("supervisor_started"), timeout)
     final = chosen.read_state()
     typer.echo(f"run {chosen.id} {final.get('status', 'stopped')} in {time.time() - started:.2f}s")
+    return 0
+
+
+def _kill(run: RunDir, pid: int, started: float | None, timeout: float) -> int:
+    """SIGKILL the supervisor, then every process of the run (the sentinel would, a moment later);
+    record the run as stopped. 1 if anything survived."""
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGKILL)
+    killed = {pid}
+    deadline = time.monotonic() + 3.0
+    while time.monotonic() < deadline:
+        left = proctree.alive(proctree.marked_processes(run.marker))
+        if not left and not pid_alive(pid, started):
+            break
+        proctree.signal_all(None, left, signal.SIGKILL)
+        killed.update(left)
+        time.sleep(0.05)
+    survivors = proctree.alive(proctree.marked_processes(run.marker))
+    run.close_killed(timeout, len(killed))
+    if survivors:
+        typer.secho(f"run {run.id}: {quantity(len(survivors), 'process', 'processes')} survived SIGKILL: "
+                    f"{', '.join(map(str, sorted(survivors)))}", fg="red", err=True)
+        return 1
+    typer.echo(f"run {run.id} killed; marked it stopped")
     return 0
 
 

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import os
 import shlex
+import signal
 import subprocess
 import sys
 import time
@@ -39,14 +41,22 @@ def serve(profile: str, overrides: list[str], backend: str | None, dry_run: bool
         check_run_dir(run_dir)
     check_executables(plan)
     check_ports(plan)
-    run = RunDir(run_dir) if run_dir else RunDir.create(dynamo_home(), new_run_id(plan.profile))
-    run.logs.mkdir(parents=True, exist_ok=True)
-    lock = _claim(run)
-    if run_dir:
-        link_run(run)  # ps, logs, stop and check find it by id too
-    # the detached supervisor starts from this file, secrets included: readable by its owner only
-    write_owner_only(run.path / "plan.json", plan.model_dump_json(indent=2))
+    run = RunDir(run_dir) if run_dir else RunDir(dynamo_home() / "runs" / new_run_id(plan.profile))
+    try:
+        run.logs.mkdir(parents=True, exist_ok=True)
+        lock = _claim(run)
+        if run_dir:
+            link_run(run)  # ps, logs, stop and check find it by id too
+        # the detached supervisor starts from this file, secrets included: readable by its owner only
+        write_owner_only(run.path / "plan.json", plan.model_dump_json(indent=2))
+    except OSError as exc:
+        setting = "--run-dir" if run_dir else f"DYNAMO_HOME ({dynamo_home()})"
+        raise UsageError(f"cannot write the run directory {run.path}: {exc.strerror or exc}"
+                         f"{f' ({exc.filename})' if exc.filename and str(exc.filename) != str(run.path) else ''}; "
+                         f"choose a writable {setting}") from None
     if detach:
+        for note in plan_notes(plan):
+            typer.echo(f"note: {note}", err=True)
         return _detach(run, plan, lock)
     from dynamo.core.printer import Printer
     from dynamo.core.supervisor import run_plan
@@ -55,7 +65,18 @@ def serve(profile: str, overrides: list[str], backend: str | None, dry_run: bool
     printer = Printer(names, colour=False if no_color else None)
     count = len(plan.processes)
     printer.system(f"run {run.id}: {quantity(count, 'process', 'processes')}, logs in {run.logs}")
+    for note in plan_notes(plan):
+        printer.system(f"note: {note}")
     return run_plan(plan, run, printer)
+
+
+def plan_notes(plan: Plan) -> list[str]:
+    """The plan's notes (flags dropped for this engine, ...), each once: a group's replicas share theirs."""
+    notes = dict.fromkeys(plan.notes)
+    for proc in plan.processes:
+        for note in proc.notes:
+            notes.setdefault(f"workers.{proc.group}: {note}" if proc.kind == "worker" else f"{proc.name}: {note}")
+    return list(notes)
 
 
 def _claim(run: RunDir) -> int:
@@ -82,6 +103,41 @@ def _detach(run: RunDir, plan: Plan, lock: int) -> int:
     )
     console.close()
     os.close(lock)
+    try:
+        with _interrupts_as_keyboard_interrupt():
+            return _wait_ready(run, plan, child)
+    except KeyboardInterrupt:
+        return _abort_startup(run, child)
+
+
+@contextlib.contextmanager
+def _interrupts_as_keyboard_interrupt():
+    """SIGTERM and SIGHUP (a closed terminal) while waiting interrupt the wait as Ctrl-C does."""
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    previous = {sig: signal.signal(sig, interrupt) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _abort_startup(run: RunDir, child: subprocess.Popen) -> int:
+    """Interrupted before the run was ready: stop it, as the foreground serve would, and say so."""
+    typer.echo(f"interrupted: stopping run {run.id} (again to kill it at once)", err=True)
+    child.send_signal(signal.SIGTERM)
+    try:
+        child.wait()
+    except KeyboardInterrupt:
+        child.send_signal(signal.SIGTERM)  # a second signal makes the supervisor kill everything now
+        child.wait()
+    typer.echo(f"run {run.id} stopped before it was ready; its logs: dynamo logs {_run_ref(run)}", err=True)
+    return 130
+
+
+def _wait_ready(run: RunDir, plan: Plan, child: subprocess.Popen) -> int:
     while True:
         state = run.read_state()
         status = state.get("status")
@@ -105,9 +161,10 @@ def _detach(run: RunDir, plan: Plan, lock: int) -> int:
 
 
 def _run_ref(run: RunDir) -> str:
-    """How to name the run in a command: its id when it lives in $DYNAMO_HOME/runs, else its absolute
-    directory (which works from any directory)."""
-    return run.id if run.path.parent == (dynamo_home() / "runs").absolute() else str(run.path)
+    """How to name the run in a command: its id when it lives in a $DYNAMO_HOME/runs that was set, else
+    its absolute directory, which works from any directory (the default home, ./.dynamo, does not)."""
+    named = os.environ.get("DYNAMO_HOME") and run.path.absolute().parent == (dynamo_home() / "runs").absolute()
+    return run.id if named else str(run.path.absolute())
 
 
 def render_plan(plan: Plan) -> str:

@@ -239,14 +239,16 @@ class _GpuAssigner:
         return chosen
 
     def check_total(self) -> None:
-        needed = sum(
-            (len(g.gpus) if isinstance(g.gpus, list) else g.gpus * g.replicas)
-            for g in self.groups.values() if g.replicas
-        )
+        shares = {name: (f"gpus {g.gpus}" if isinstance(g.gpus, list)
+                         else f"{quantity(g.replicas, 'replica')} × {quantity(g.gpus, 'GPU')}",
+                         len(g.gpus) if isinstance(g.gpus, list) else g.gpus * g.replicas)
+                  for name, g in self.groups.items() if g.replicas}
+        needed = sum(count for _, count in shares.values())
         if needed > self.inventory.count:
             self.short = True
             who = self.where or "the profile "
-            self.problems.insert(0, f"{who}needs {quantity(needed, 'GPU')}; {self._have()}")
+            split = ", ".join(f"workers.{name}: {how}" for name, (how, count) in shares.items() if count)
+            self.problems.insert(0, f"{who}needs {quantity(needed, 'GPU')} ({split}); {self._have()}")
 
 
 _KEY_PATH = re.compile(r"(workers\.[^\s:]+): ")
@@ -324,10 +326,11 @@ def _build_plan(loaded: LoadedProfile, inventory: GpuInventory, node: str | None
             explicit += [(group.port + i, f"{group_name}-{i}", f"workers.{group_name}.port")
                          for i in range(group.replicas)]
     seen: dict[int, str] = {}
-    for port, owner, _ in explicit:
+    for port, owner, key in explicit:
         if port in seen:
-            raise PlanError(f"port {port} is planned for both {seen[port]} and {owner}; give each its own port")
-        seen[port] = owner
+            raise PlanError(f"port {port} is planned for both {seen[port]} and {owner} ({key}); "
+                            "give each its own port")
+        seen[port] = f"{owner} ({key})"
         ports.claim(port)
 
     # NATS: embedded on this node, or external.

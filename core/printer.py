@@ -47,5 +47,5 @@ class Printer:
         try:
             self.stream.write(text + "\n")
             self.stream.flush()
-        except (BrokenPipeError, ValueError):
+        except (OSError, ValueError):  # a closed pipe, or a terminal that hung up (EIO): the run goes on
             pass

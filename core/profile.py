@@ -277,15 +277,16 @@ class Profile(Strict):
                 raise ValueError(f"worker group name {name!r}: use lower-case letters, digits, '-' or '_', not nats/router/frontend")
         return value
 
-    @model_validator(mode="after")
-    def _something_serves(self) -> Profile:
-        serving = [n for n, g in self.workers.items() if g.role in ("agg", "decode")]
-        if not any(self.workers[n].replicas for n in serving):
+    @field_validator("workers")
+    @classmethod
+    def _something_serves(cls, value: dict[str, WorkerGroup]) -> dict[str, WorkerGroup]:
+        serving = [n for n, g in value.items() if g.role in ("agg", "decode")]
+        if not any(value[n].replicas for n in serving):
             if serving:
                 raise ValueError(f"no worker can answer requests: {', '.join(serving)} "
                                  f"{'has' if len(serving) == 1 else 'have'} replicas: 0")
             raise ValueError("no worker can answer requests: prefill workers need a group with role decode")
-        return self
+        return value
 
     @model_validator(mode="after")
     def _nodes_cover_components(self) -> Profile:
@@ -321,6 +322,7 @@ class SourceMap:
     positions: dict[tuple, tuple[int, int]] = field(default_factory=dict)
     value_positions: dict[tuple, tuple[int, int]] = field(default_factory=dict)
     overrides: set[tuple] = field(default_factory=set)
+    flags: dict[tuple, str] = field(default_factory=dict)  # paths set by a flag other than --set: "--backend"
 
     def path_of(self, dotted: str) -> tuple:
         """The key path a dotted name means: ``workers.w.args.compilation-config.level`` is
@@ -337,11 +339,13 @@ class SourceMap:
     def where(self, path: tuple, value: bool = False) -> str:
         """``file:line:col`` of a key (or of its value), or the ``--set`` flag that set it."""
         probe = tuple(path)
-        if probe not in self.positions:  # a key only a --set made (a misspelt section, say)
+        if probe and probe not in self.positions:  # a key only a --set made (a misspelt section, say)
             made = sorted(o for o in self.overrides if o[:len(probe)] == probe)
             if made:
                 return f"--set {'.'.join(map(str, made[0]))}"
         while True:
+            if probe in self.flags:
+                return self.flags[probe]
             if probe in self.overrides:
                 return f"--set {'.'.join(map(str, probe))}"
             table = self.value_positions if value and probe == tuple(path) and probe in self.value_positions else self.positions
@@ -565,6 +569,7 @@ def parse_profile(
             raise ProfileError([f"--backend {backend}: expected one of {', '.join(BACKENDS)}{_nearest(backend, BACKENDS)}"])
         data["backend"] = backend
         sources.overrides.add(("backend",))
+        sources.flags[("backend",)] = f"--backend {backend}"
     try:
         profile = Profile.model_validate(data)
     except ValidationError as exc:

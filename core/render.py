@@ -90,8 +90,17 @@ def token_secret_command(profile, k8s_namespace: str | None = None) -> str | Non
             f"--from-literal=token=$(openssl rand -hex 24)")
 
 
+_K8S_NAMESPACE = re.compile(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?")  # an RFC 1123 label
+
+
 def render_kubernetes(loaded: LoadedProfile, image: str, k8s_namespace: str | None = None) -> list[dict]:
     """Manifests: NATS (unless external), then per component a Deployment or StatefulSet, and Services."""
+    if not image.strip() or any(c.isspace() for c in image):
+        raise UsageError(f"--image {image!r}: expected a container image reference, e.g. "
+                         "nvcr.io/nvidia/ai-dynamo/vllm-runtime:0.4.0")
+    if k8s_namespace is not None and not _K8S_NAMESPACE.fullmatch(k8s_namespace):
+        raise UsageError(f"--namespace {k8s_namespace!r}: a Kubernetes namespace is at most 63 lower-case letters, "
+                         "digits or '-', starting and ending with a letter or digit")
     profile = loaded.profile
     base = _dns(f"dynamo-{profile.name}")
     labels = {"app.kubernetes.io/part-of": "dynamo", "dynamo.dev/profile": _dns(profile.name)}
@@ -263,6 +272,11 @@ def render_slurm(loaded: LoadedProfile, profile_path: str, overrides: list[str],
                              f"write {key}: ${{{_SECRET_KEYS[key]}}} in the profile and export {_SECRET_KEYS[key]} "
                              "before sbatch (Slurm passes the environment on)")
     if profile.nodes and profile.nats.embedded and not profile.nats.token:
+        where = loaded.sources.where(("nats", "token"))
+        if ("nats", "token") in loaded.sources.positions:  # written, but it came out empty: ${VAR} unset
+            raise UsageError(f"{where}: nats.token is empty: export the variable it names (e.g. export "
+                             "DYNAMO_NATS_TOKEN=$(openssl rand -hex 16)); a multinode profile on Slurm needs a NATS "
+                             "token: NATS must not be open on the cluster network")
         raise UsageError("nats.token: a multinode profile on Slurm needs a NATS token "
                          "(nats.token: ${DYNAMO_NATS_TOKEN}); NATS must not be open on the cluster network")
     lines = [

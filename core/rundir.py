@@ -102,12 +102,6 @@ class RunDir:
         """The value of DYNAMO_RUN_ID in every child's environment: unique on this machine."""
         return str(self.path.resolve())
 
-    @classmethod
-    def create(cls, home: Path, run_id: str) -> RunDir:
-        run = cls(home / "runs" / run_id)
-        run.logs.mkdir(parents=True, exist_ok=True)
-        return run
-
     def write_state(self, state: dict[str, Any]) -> None:
         """Atomic: readers never see a half-written file. Owner-only: it holds the NATS URL, token included
         (``dynamo check`` connects with it)."""
@@ -155,18 +149,30 @@ class RunDir:
     def close_dead(self, killed: int) -> dict[str, Any]:
         """Record that this run's supervisor died without stopping it (its leftovers are gone now):
         the run failed and its processes are stopped, so nothing takes it for live any more."""
+        pid = self.read_state().get("supervisor_pid")
+        return self._close("failed", f"its supervisor (pid {pid}) died without stopping the run"
+                           + (f"; dynamo stop killed {quantity(killed, 'leftover process', 'leftover processes')}"
+                              if killed else ""), killed)
+
+    def close_killed(self, timeout: float, killed: int) -> dict[str, Any]:
+        """Record that ``dynamo stop`` killed the supervisor and every process of the run after
+        ``timeout`` seconds without a graceful stop: the run is stopped, not left looking live."""
+        return self._close("stopped", f"killed by dynamo stop after {timeout:g}s without a graceful stop "
+                           f"({quantity(killed, 'process', 'processes')} killed)", killed)
+
+    def _close(self, status: str, reason: str, killed: int) -> dict[str, Any]:
         state = self.read_state()
-        pid = state.get("supervisor_pid")
-        state["status"] = "failed"
-        state["failure"] = state.get("failure") or (
-            f"its supervisor (pid {pid}) died without stopping the run"
-            + (f"; dynamo stop killed {quantity(killed, 'leftover process', 'leftover processes')}" if killed else ""))
+        state["status"] = status
+        if status == "failed":
+            state["failure"] = state.get("failure") or reason
+        else:
+            state["note"] = reason
         state["updated_at"] = time.time()
         for proc in (state.get("processes") or {}).values():
             if proc.get("status") not in ("stopped", "exited", "failed", "pending"):
                 proc["status"] = "stopped"
         self.write_state(state)
-        self.event("dynamo", "failed", reason=state["failure"], killed=killed)
+        self.event("dynamo", status, reason=reason, killed=killed)
         return state
 
 
@@ -302,9 +308,13 @@ def find_run(run_id: str | None, home: Path | None = None, active_only: bool = F
         if not matches:
             raise RunNotFound(f"no run {run_id!r} under {where}; for a run kept elsewhere (serve --run-dir), "
                               "give its directory")
-        if len(matches) > 1:
-            raise RunNotFound(f"{run_id!r} matches several runs: {', '.join(r.id for r in matches)}")
-        return matches[0]
+        live = [r for r in matches if r.is_active()]
+        if len(matches) > 1 and len(live) != 1:
+            raise RunNotFound(f"{run_id!r} matches {len(matches)} runs"
+                              + (f", {len(live)} of them active: {', '.join(r.id for r in live)}" if live
+                                 else f": {', '.join(r.id for r in matches)}")
+                              + "; give more of the id")
+        return live[0] if len(matches) > 1 else matches[0]
     active = [r for r in runs if r.is_active()]
     if active:
         return active[0]

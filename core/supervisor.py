@@ -75,6 +75,12 @@ class Component:
         }
 
 
+# SIGHUP: the terminal that ran `dynamo serve` closed; stop as for Ctrl-C rather than die at once.
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+EXTERNAL_NATS_WAIT = 300.0  # NATS started elsewhere (another node, a service) may come up after us
+NATS_WAIT_REPORT = 10.0  # seconds between "still waiting" lines meanwhile
+
+
 class Supervisor:
     def __init__(self, plan: Plan, run: RunDir, printer: Printer, rng: random.Random | None = None):
         self.plan = plan
@@ -98,7 +104,7 @@ class Supervisor:
     async def run_until_stopped(self) -> int:
         """Start everything, serve until stopped; return the exit code (0 clean, 1 failure)."""
         loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
+        for sig in STOP_SIGNALS:
             loop.add_signal_handler(sig, self.request_stop, sig)
         self._start_sentinel()
         self._write_state()
@@ -115,7 +121,7 @@ class Supervisor:
         finally:
             scanner.cancel()
             await self._shutdown()
-            for sig in (signal.SIGINT, signal.SIGTERM):
+            for sig in STOP_SIGNALS:
                 loop.remove_signal_handler(sig)
         return self.failure_code if self.failure else 0
 
@@ -164,12 +170,17 @@ class Supervisor:
         local = any(c.spec.kind == "nats" for c in self.components)
         if not local:
             self.printer.system(f"connecting to NATS at {redact_url(self.plan.nats_url)} (started elsewhere)")
+        patience = 5.0 if local else EXTERNAL_NATS_WAIT
         try:
             # NATS on another node may start after us: wait for it (interrupted by a stop request)
-            opening = asyncio.create_task(DiscoveryPublisher.open(self.plan.nats_url, DEFAULT_TTL,
-                                                                  timeout=5.0 if local else 300.0))
+            opening = asyncio.create_task(DiscoveryPublisher.open(self.plan.nats_url, DEFAULT_TTL, timeout=patience))
             stopper = asyncio.create_task(self._stop.wait())
-            await asyncio.wait({opening, stopper}, return_when=asyncio.FIRST_COMPLETED)
+            waited = 0.0
+            while not (await asyncio.wait({opening, stopper}, timeout=NATS_WAIT_REPORT,
+                                          return_when=asyncio.FIRST_COMPLETED))[0]:
+                waited += NATS_WAIT_REPORT
+                self.printer.system(f"still waiting for NATS at {redact_url(self.plan.nats_url)} after {waited:.0f}s "
+                                    f"(giving up at {patience:.0f}s); is it running? `dynamo check` tests it")
             stopper.cancel()
             if not opening.done():
                 opening.cancel()

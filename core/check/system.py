@@ -6,6 +6,7 @@ import os
 import platform
 import resource
 import shutil
+import tempfile
 from pathlib import Path
 
 from dynamo.core.check.context import CheckContext
@@ -192,9 +193,12 @@ def check_disk(ctx: CheckContext, out: Results) -> None:
     if not where.is_dir():
         out.error("runs writable", f"{where} is a file: dynamo serve cannot create {run_dir}",
                   "set DYNAMO_HOME to a writable directory", path=str(run_dir))
-    elif not os.access(where, os.W_OK):
-        out.error("runs writable", f"{where} is not writable: dynamo serve cannot create {run_dir}",
-                  "set DYNAMO_HOME to a writable directory", path=str(run_dir))
+    else:
+        try:  # os.access says yes to root everywhere, even in /proc: try it
+            os.rmdir(tempfile.mkdtemp(prefix=".dynamo-check-", dir=where))
+        except OSError as exc:
+            out.error("runs writable", f"cannot create a directory in {where} ({exc.strerror}): dynamo serve "
+                      f"cannot create {run_dir}", "set DYNAMO_HOME to a writable directory", path=str(run_dir))
     cache = model_cache_dir()
     _disk(out, "disk (model cache)", cache, _existing(cache), MODEL_CACHE_MIN_FREE)
 

@@ -41,6 +41,14 @@ def test_a_dynamo_home_that_cannot_be_created_is_an_error(tmp_path):
     assert "DYNAMO_HOME" in result["fix"]
 
 
+def test_a_dynamo_home_where_nothing_can_be_created_is_an_error_even_for_root():
+    # /proc takes no new directories, though os.access says root may write there
+    check = run_check("--only", "system", "--json", env={"DYNAMO_HOME": "/proc/dynamo-home"})
+    assert check.code == 1
+    result = check.one("system", "runs writable")
+    assert result["status"] == "error" and "cannot create a directory in /proc" in result["message"]
+
+
 def _fake_package(site, name: str, dist: str, version: str, body: str) -> None:
     (site / name).mkdir(parents=True)
     (site / name / "__init__.py").write_text(textwrap.dedent(body))

@@ -66,3 +66,22 @@ def test_consoles_are_wide_off_a_terminal_unless_columns_says_otherwise(plain_en
     narrow = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
                             env={**plain_env, "COLUMNS": "100"})
     assert narrow.stdout.split() == ["100", "100"], narrow.stderr
+
+
+def test_ps_all_in_an_80_column_terminal_shows_whole_run_ids(tmp_path, plain_env):
+    ids = [f"a-rather-long-profile-name-20261202-14580{i}-abc{i}" for i in range(2)]
+    for run_id in ids:
+        (tmp_path / "runs" / run_id).mkdir(parents=True)
+        (tmp_path / "runs" / run_id / "state.json").write_text(
+            '{"run_id": "%s", "profile": "p", "status": "stopped", "endpoint": "http://127.0.0.1:18000"}' % run_id)
+    shown = dynamo("ps", "--all", env={**plain_env, "DYNAMO_HOME": str(tmp_path), "COLUMNS": "80"}).stdout
+    assert all(run_id in shown for run_id in ids) and "…" not in shown, shown
+    assert max(len(line) for line in shown.splitlines()) <= 80, shown
+
+
+def test_backend_help_lists_every_backend():
+    from dynamo.cli.helptext import BACKEND_NAMES
+    from dynamo.core.profile import BACKENDS
+
+    assert BACKEND_NAMES.split(", ") == list(BACKENDS)
+    assert BACKEND_NAMES in dynamo("serve", "--help", env={"COLUMNS": "200"}).stdout

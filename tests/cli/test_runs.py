@@ -172,3 +172,76 @@ def test_a_run_dir_holding_other_files_is_refused_before_anything_is_written(tmp
     a_file.write_text("x")
     result = dynamo("serve", str(profile), "--detach", "--run-dir", str(a_file), env=env)
     assert result.returncode == 2 and f"--run-dir {a_file}: not a directory" in result.stderr, result.stderr
+
+
+def test_stop_with_timeout_0_kills_the_run_at_once_and_records_it_stopped(tmp_path, serve):
+    run = serve(fake_profile(tmp_path, replicas=1))
+    run.wait_ready()
+    stop = dynamo("stop", str(run.dir), "--timeout", "0")
+    assert stop.returncode == 0, stop.stdout + stop.stderr
+    assert f"run {run.id} killed; marked it stopped" in stop.stdout
+    assert marked(run.marker) == []
+    state = run.state()
+    assert state["status"] == "stopped" and "killed by dynamo stop" in state["note"]
+    shown = dynamo("ps", str(run.dir), env={"COLUMNS": "200"}).stdout
+    assert "dead" not in shown and f"run {run.id} stopped" in shown, shown
+
+
+@pytest.mark.parametrize("value", ["-5", "nan", "inf"])
+def test_stop_refuses_a_timeout_that_is_not_a_number_of_seconds(value):
+    result = dynamo("stop", "--timeout", value)
+    assert result.returncode == 2 and "expected a number of seconds >= 0" in result.stderr, result.stderr
+
+
+@pytest.mark.parametrize("where", ["home", "run-dir", "home-is-a-file"])
+def test_serve_with_nowhere_to_write_its_run_is_a_clear_exit_2(tmp_path, where):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    args, env, setting = ["serve", str(fake_profile(tmp_path, replicas=1))], {}, "DYNAMO_HOME"
+    if where == "home":
+        env["DYNAMO_HOME"] = "/proc/dynamo-home"
+    elif where == "home-is-a-file":
+        env["DYNAMO_HOME"] = str(blocker)
+    else:
+        args += ["--run-dir", "/proc/dynamo-run"]
+        env["DYNAMO_HOME"], setting = str(tmp_path / "home"), "--run-dir"
+    result = dynamo(*args, env=env)
+    assert result.returncode == 2, result.stderr
+    assert "cannot write the run directory" in result.stderr and f"choose a writable {setting}" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_a_prefix_matching_several_runs_picks_the_one_still_active(tmp_path):
+    me = psutil.Process()
+    for run_id, status, pid in (("agg-20261202-100000-aaaa", "stopped", None),
+                                ("agg-20261202-110000-bbbb", "ready", me.pid),
+                                ("agg-20261202-090000-cccc", "failed", None)):
+        (tmp_path / "runs" / run_id).mkdir(parents=True)
+        (tmp_path / "runs" / run_id / "state.json").write_text(json.dumps({
+            "run_id": run_id, "profile": "agg", "status": status, "supervisor_pid": pid,
+            "supervisor_started": me.create_time() if pid else None, "started_at": time.time(), "processes": {}}))
+    env = {"DYNAMO_HOME": str(tmp_path)}
+    shown = dynamo("ps", "agg", "--json", env=env)
+    assert shown.returncode == 0 and json.loads(shown.stdout)["run_id"] == "agg-20261202-110000-bbbb", shown.stderr
+    (tmp_path / "runs" / "agg-20261202-110000-bbbb" / "state.json").write_text(json.dumps({
+        "run_id": "agg-20261202-110000-bbbb", "profile": "agg", "status": "stopped", "processes": {}}))
+    ambiguous = dynamo("ps", "agg", env=env)
+    assert ambiguous.returncode == 2 and "'agg' matches 3 runs" in ambiguous.stderr, ambiguous.stderr
+    assert "give more of the id" in ambiguous.stderr
+
+
+def test_logs_follow_ends_saying_how_the_run_ended(tmp_path, serve):
+    run = serve(fake_profile(tmp_path, replicas=1))
+    run.wait_ready()
+    follow = subprocess.Popen([sys.executable, "-m", "dynamo.cli.app", "logs", str(run.dir), "-f"],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        time.sleep(0.5)
+        os.kill(run.state()["supervisor_pid"], signal.SIGKILL)
+        out, err = follow.communicate(timeout=30)
+    finally:
+        if follow.poll() is None:
+            follow.kill()
+    assert follow.returncode == 0
+    assert "fake engine listening" in out
+    assert f"run {run.id} is dead (supervisor gone); no more logs to follow" in err, err

@@ -54,8 +54,8 @@ def test_counted_gpus_skip_explicit_ids():
 @pytest.mark.parametrize(
     "text, gpus, expected",
     [
-        ("name: p\nmodel: {name: m}\nworkers:\n  w: {replicas: 4, gpus: 2}\n", 4, "the profile needs 8 GPUs; 4 GPUs available"),
-        ("name: p\nmodel: {name: m}\nworkers:\n  w: {replicas: 2, gpus: 1}\n", 1, "the profile needs 2 GPUs; 1 GPU available: 0"),
+        ("name: p\nmodel: {name: m}\nworkers:\n  w: {replicas: 4, gpus: 2}\n", 4, "the profile needs 8 GPUs (workers.w: 4 replicas × 2 GPUs); 4 GPUs available"),
+        ("name: p\nmodel: {name: m}\nworkers:\n  w: {replicas: 2, gpus: 1}\n", 1, "the profile needs 2 GPUs (workers.w: 2 replicas × 1 GPU); 1 GPU available: 0"),
         ("name: p\nmodel: {name: m}\nworkers:\n  w: {gpus: [9]}\n", 8, "GPU 9 does not exist"),
         ("name: p\nmodel: {name: m}\nworkers:\n  a: {gpus: [1]}\n  b: {gpus: [1]}\n", 8, "GPU 1 is already used by a-0"),
         ("name: p\nmodel: {name: m}\nworkers:\n  w: {gpus: 1}\n", 0, "no NVIDIA GPU"),
@@ -82,7 +82,7 @@ def test_ports_are_unique_and_start_at_the_base():
 
 
 def test_explicit_worker_port_collision_is_refused():
-    with pytest.raises(PlanError, match="port 8000 is planned for both frontend and w-0"):
+    with pytest.raises(PlanError, match=r"port 8000 is planned for both frontend \(frontend.port\) and w-0 \(workers.w.port\)"):
         plan_of("name: p\nmodel: {name: m}\nworkers:\n  w: {port: 8000}\n")
 
 

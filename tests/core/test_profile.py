@@ -224,6 +224,14 @@ def test_errors_read_in_yaml_terms_not_python_ones():
     assert problems("- a\n").endswith("got a list")
 
 
+def test_a_profile_that_serves_nothing_is_blamed_on_its_workers_not_on_a_flag():
+    text = "name: p\nmodel: {name: m}\nworkers:\n  w: {replicas: 0}\n"
+    expected = "p.yaml:4:3: workers: no worker can answer requests: w has replicas: 0"
+    assert problems(text) == expected
+    assert problems(text, backend="mocker") == expected  # --backend is not a --set, nor the culprit
+    assert problems(MINIMAL, overrides=["workers.w.replicas=0"], backend="mocker").endswith("w has replicas: 0")
+
+
 def test_set_errors_blame_the_flag_once():
     assert problems(MINIMAL, overrides=["frontend.port=abc"]).startswith(
         "--set frontend.port: Input should be a valid integer")

@@ -111,6 +111,18 @@ def test_slurm_refuses_a_secret_given_with_set():
 def test_slurm_refuses_an_open_nats_on_the_cluster_network():
     result = dynamo("render", "slurm", "multinode", env={"DYNAMO_NATS_TOKEN": ""})
     assert result.returncode == 2 and "nats.token" in result.stderr
+    # the profile has a token line: the problem is the unset variable, and the error says so, with its line
+    assert "multinode.yaml:20:3: nats.token is empty: export the variable it names" in result.stderr, result.stderr
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["--image", ""], "--image '': expected a container image reference"),
+    (["--image", "img:1", "-n", "Bad_NS"], "--namespace 'Bad_NS': a Kubernetes namespace is at most 63"),
+])
+def test_k8s_refuses_values_kubernetes_would_reject(args, expected):
+    result = dynamo("render", "k8s", "agg", *args, "--set", "nats.token=tok")
+    assert result.returncode == 2 and expected in result.stderr, result.stderr
+    assert result.stdout == ""
 
 
 def test_render_cli_writes_yaml():

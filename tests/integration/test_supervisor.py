@@ -6,6 +6,8 @@ import json
 import os
 import signal
 import socket
+import subprocess
+import sys
 import time
 
 import httpx
@@ -112,6 +114,28 @@ def test_sigterm_during_startup_stops_everything_cleanly(tmp_path, serve):
     assert run.state()["status"] == "stopped"
     assert "frontend" not in _started(run.events())
     assert marked(run.marker) == []
+
+
+def test_a_closed_terminal_sighup_stops_the_run_as_ctrl_c_does(tmp_path, serve):
+    run = serve(fake_profile(tmp_path))
+    run.wait_ready()
+    run.proc.send_signal(signal.SIGHUP)
+    assert run.wait_exit(30) == 0
+    assert run.state()["status"] == "stopped"
+    assert any(e["event"] == "stop-requested" and e.get("signal") == "SIGHUP" for e in run.events())
+    assert marked(run.marker) == []
+
+
+def test_serve_says_which_engine_args_it_dropped_and_names_a_likely_typo(tmp_path, serve):
+    profile = tmp_path / "v.yaml"
+    profile.write_text("name: v\nbackend: vllm\nmodel: {name: m}\nnats: {port: 0}\nfrontend: {port: 0}\n"
+                       "ports: {base: 0}\nworkers:\n  w:\n    replicas: 2\n"
+                       "    args: {max-num-seq: 64, gpu-memory-utilization: 0.8}\n")
+    run = serve(profile, "--backend", "mocker")
+    run.wait_ready()
+    text = run.text()
+    assert "note: workers.w: dropped --max-num-seq (not a mocker flag; did you mean 'max-num-seqs'?)" in text
+    assert text.count("dropped --gpu-memory-utilization (not a mocker flag)") == 1, text  # once for both replicas
 
 
 def test_sigkill_of_the_supervisor_leaves_no_process_behind(tmp_path, serve):
@@ -231,6 +255,31 @@ def test_detach_ps_logs_stop(tmp_path):
     finally:
         if run_id:
             dynamo("stop", run_id, "--timeout", "5", env=env)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGHUP], ids=["SIGINT", "SIGHUP"])
+def test_interrupting_a_detached_start_stops_the_run_instead_of_leaving_it_starting(tmp_path, sig):
+    profile = fake_profile(tmp_path, replicas=1, engine_args="--ready-after 30")
+    env = {**os.environ, "DYNAMO_HOME": str(tmp_path / "home")}
+    cli = subprocess.Popen([sys.executable, "-m", "dynamo.cli.app", "serve", str(profile), "--detach"],
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    runs = tmp_path / "home" / "runs"
+    try:
+        deadline = time.monotonic() + 30
+        while not list(runs.glob("*/state.json")) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        run_dir = next(runs.glob("*/state.json")).parent
+        time.sleep(0.5)  # the supervisor is starting its processes
+        cli.send_signal(sig)
+        out, err = cli.communicate(timeout=60)
+        assert cli.returncode == 130, out + err
+        assert "stopped before it was ready" in err
+        assert json.loads((run_dir / "state.json").read_text())["status"] == "stopped"
+        assert marked(str(run_dir.resolve())) == []
+    finally:
+        if cli.poll() is None:
+            cli.kill()
+        dynamo("stop", "--timeout", "5", env={"DYNAMO_HOME": str(tmp_path / "home")})
 
 
 def _free_port() -> int:
