@@ -100,31 +100,39 @@ def _fail(message: str, code: int = 2) -> None:
 
 
 class _Interrupted(Exception):
-    """SIGINT or SIGTERM arrived before the benchmark finished."""
+    """SIGINT, SIGTERM or SIGHUP arrived before anything was measured."""
 
     def __init__(self, signum: int):
         super().__init__(signal.Signals(signum).name)
         self.signum = signum
 
 
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
 class _StopSignals:
-    """SIGINT and SIGTERM while ``dynamo bench`` runs (a context manager).
+    """SIGINT, SIGTERM and SIGHUP while ``dynamo bench`` runs (a context manager).
 
     The first one stops the benchmark: while the load runs it cancels the event loop's main task
-    (which cancels every request in flight), anywhere else it raises :class:`_Interrupted`. Once
-    :meth:`hold` is called (the served run is being stopped) signals only say to wait: cutting
-    ``dynamo stop`` short is what would leave the run behind.
+    (which cancels every request in flight; the runner keeps what was measured), anywhere else it
+    raises :class:`_Interrupted`. Once the load is over (:meth:`loop_done`) signals only say to wait:
+    cutting the saving of the results or ``dynamo stop`` short is what would lose them or leave the
+    served run behind. SIGHUP means the terminal is gone: from then on what bench prints to it is
+    dropped (the files under --output-dir are still written). A SIGHUP that was ignored when bench
+    started (``nohup``) stays ignored.
     """
 
     def __init__(self) -> None:
         self.received: int | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._task: asyncio.Task | None = None
-        self._holding = False
+        self._holding: str | None = None
         self._previous: dict = {}
 
     def __enter__(self) -> "_StopSignals":
-        for sig in (signal.SIGINT, signal.SIGTERM):
+        for sig in STOP_SIGNALS:
+            if sig == signal.SIGHUP and signal.getsignal(sig) == signal.SIG_IGN:
+                continue
             self._previous[sig] = signal.signal(sig, self._handle)
         return self
 
@@ -133,8 +141,10 @@ class _StopSignals:
             signal.signal(sig, previous)
 
     def _handle(self, signum: int, frame) -> None:
+        if signum == signal.SIGHUP:
+            _drop_terminal_output()
         if self._holding:
-            os.write(2, b"still stopping the served run: wait for it (it stops every process of the run)\n")
+            os.write(2, f"{self._holding}: wait for it\n".encode())
             return
         if self.received is not None:
             return
@@ -143,7 +153,7 @@ class _StopSignals:
             raise _Interrupted(signum)
         try:
             self._loop.call_soon_threadsafe(self._task.cancel)
-        except RuntimeError:  # the loop has just closed: loop_done() raises instead
+        except RuntimeError:  # the loop has just closed: its result is being kept
             pass
 
     async def guard(self, coro):
@@ -152,23 +162,43 @@ class _StopSignals:
         return await coro
 
     def loop_done(self) -> None:
-        """The event loop is over: from now on a signal raises; one that came during it raises now."""
+        """The event loop is over: what it measured is being saved, so signals now only say to wait."""
         self._task = None
-        if self.received is not None:
-            raise _Interrupted(self.received)
+        self.hold("still finishing (saving the results)")
 
-    def hold(self) -> None:
-        self._holding = True
+    def hold(self, why: str) -> None:
+        self._holding = why
+
+
+def _drop_terminal_output() -> None:
+    """The terminal hung up: writing to it would fail (EIO), so stdout and stderr go to /dev/null."""
+    try:
+        null = os.open(os.devnull, os.O_WRONLY)
+    except OSError:
+        return
+    for fd in (1, 2):
+        try:
+            if os.isatty(fd):
+                os.dup2(null, fd)
+        except OSError:
+            pass
+    os.close(null)
 
 
 def _split_list(values: Optional[List[str]], what: str, parse) -> list:
+    """``["1,2", "4"]`` -> ``[1, 2, 4]``; an empty item (``1,,2``, a trailing comma) is an error, not skipped."""
     out = []
     for v in values or []:
-        for item in v.replace(",", " ").split():
-            try:
-                out.append(parse(item))
-            except ValueError:
-                raise UsageError(f"{what} {item!r} is not valid") from None
+        for part in v.split(","):
+            items = part.split()
+            if not items:
+                raise UsageError(f"{what} {v!r}: an empty value (two commas in a row, or one at an end); "
+                                 f"give a list like 1,2,4")
+            for item in items:
+                try:
+                    out.append(parse(item))
+                except ValueError:
+                    raise UsageError(f"{what} {item!r} is not valid") from None
     return out
 
 
@@ -321,7 +351,12 @@ def bench(
     Exit codes: 0 done (failed requests are reported, not fatal); 1 server not ready, a
     --profile run that failed after it started (its logs are kept), or every request failed;
     2 usage error, also when dynamo serve refuses the profile or a --serve-arg or finds a
-    port taken, when the API key is missing or refused, or when --model is not served.
+    port taken, when the API key is missing or refused, when --model is not served, or when
+    --url is not an http(s) URL with a host and a port from 1 to 65535 or does not answer in
+    HTTP; 130, 143 or 129 when stopped by SIGINT (Ctrl-C), SIGTERM or SIGHUP (the terminal
+    closed): a --profile run is stopped, and what was measured is kept (printed and written
+    to --output-dir): the finished load points and, marked interrupted, the finished requests
+    of the current one. A SIGHUP ignored at start (nohup) stays ignored.
     """
     if ctx.invoked_subcommand is not None:
         return
@@ -335,14 +370,16 @@ def bench(
 def _run(**o) -> int:
     from dynamo.cli.app import make_console
     from dynamo.core.bench import workloads as wl
-    from dynamo.core.bench.client import ServerNotReady
+    from dynamo.core.bench.client import ServerNotReady, normalize_base_url
     from dynamo.core.bench.metrics import parse_goodput
-    from dynamo.core.bench.report import LiveDisplay, point_table, result_to_dict, sweep_table, write_outputs
-    from dynamo.core.bench.runner import BenchSettings, LiveStats, LoadPoint, run_async, run_benchmark
+    from dynamo.core.bench.report import LiveDisplay
+    from dynamo.core.bench.runner import BenchInterrupted, BenchSettings, LiveStats, LoadPoint, run_async, run_benchmark
     from dynamo.core.bench.target import ServeFailed, ServedProfile
 
     if bool(o["url"]) == bool(o["profile"]):
         raise UsageError("give exactly one of --url URL or --profile PROFILE")
+    if o["url"]:
+        normalize_base_url(o["url"])  # a URL that cannot work is refused now, not after --ready-timeout
     if o["serve_args"] and not o["profile"]:
         raise UsageError("--serve-arg only applies with --profile")
     if o["endpoint"] not in ("chat", "completions"):
@@ -439,6 +476,7 @@ def _run(**o) -> int:
                 stats=stats, on_point=display.point_done)
 
     served: Optional[ServedProfile] = None
+    result = None
     failed = True  # a temporary run directory of --profile is kept (for its logs) only after a failure
     signals = _StopSignals()
     with signals:
@@ -453,9 +491,12 @@ def _run(**o) -> int:
                 target = o["url"]
             try:
                 result = run_async(signals.guard(go(target)))
+            except BenchInterrupted as exc:  # a signal after something was measured: keep it
+                result = exc.result
             finally:
                 signals.loop_done()
-            failed = not any(p.summary["completed"] for p in result.points)
+            # every request failing is worth the served run's logs; an interruption is not
+            failed = signals.received is None and not any(p.summary["completed"] for p in result.points)
         except (ServeFailed, ServerNotReady) as exc:
             _fail(str(exc), 1)
         except UsageError:
@@ -467,13 +508,28 @@ def _run(**o) -> int:
             failed = False
             name = signal.Signals(signals.received).name
             err.print(f"{name}: stopping the benchmark" + (" and the served run ..." if served else ""))
-            _fail(f"interrupted by {name} before the benchmark finished", 128 + signals.received)
+            _fail(f"interrupted by {name} before the benchmark finished (nothing was measured yet)",
+                  128 + signals.received)
         finally:
-            signals.hold()
             if served is not None:
+                signals.hold("still stopping the served run (it stops every process of the run)")
+                if signals.received is not None and result is not None:
+                    err.print(f"{signal.Signals(signals.received).name}: stopping the served run ...")
                 _stop_served(served, err, failed)
+        signals.hold("still finishing (saving the results)")
+        return _report(o, result, config, target, seed, signals.received, len(points), out, err)
+
+
+def _report(o: dict, result, config: dict, target: str, seed: int, interrupted: Optional[int], planned: int,
+            out, err) -> int:
+    """Files, tables and the exit code of a finished (or interrupted) benchmark."""
+    from dynamo.core.bench.report import point_table, result_to_dict, sweep_tables, write_outputs
 
     doc = result_to_dict(result, config)
+    name = signal.Signals(interrupted).name if interrupted else None
+    if name:
+        complete = sum(1 for p in result.points if not p.summary.get("interrupted"))
+        doc["interrupted"] = {"signal": name, "load_points_planned": planned, "load_points_completed": complete}
     written: list[Path] = []
     if o["output_dir"]:
         written = write_outputs(o["output_dir"], doc, result, o["save_requests"])
@@ -492,16 +548,28 @@ def _run(**o) -> int:
         for p in result.points:
             out.print(point_table(p))
         if len(result.points) > 1:
-            out.print(sweep_table(doc["points"]))
+            for table in sweep_tables(doc["points"]):
+                out.print(table)
         if written:
             out.print(f"wrote {quantity(len(written), 'file')} to {o['output_dir']}")
+    if name:
+        kept = f"{doc['interrupted']['load_points_completed']} of {quantity(planned, 'load point')} completed"
+        partial = [p.point.label for p in result.points if p.summary.get("interrupted")]
+        if partial:
+            kept += f", and what {partial[0]} measured before it was cut short is kept, marked interrupted"
+        if written:
+            kept += f"; results in {o['output_dir']}"
+        typer.secho(f"error: interrupted by {name} before the benchmark finished: {kept}", fg="red", err=True)
+        return 128 + interrupted
     if not any(p.summary["completed"] for p in result.points):
         errors: dict[str, int] = {}
         for p in result.points:
             for k, v in p.summary["errors"].items():
                 errors[k] = errors.get(k, 0) + v
+        sent = sum(p.summary["requests"] + p.summary["cancelled"] for p in result.points)
         detail = next((r.error_detail for p in result.points for r in p.records if r.error_detail), "")
-        typer.secho(f"error: every request failed ({', '.join(f'{k} {v}' for k, v in errors.items())})"
+        typer.secho(f"error: every request failed ({quantity(sent, 'request')} sent: "
+                    f"{', '.join(f'{k} {v}' for k, v in errors.items())})"
                     + (f": {detail}" if detail else ""), fg="red", err=True)
         return 1
     return 0

@@ -63,8 +63,10 @@ def _check(profile, as_json, strict, only, overrides, backend, assume_gpus, node
     from dynamo.core.check.runner import parse_sections, run_checks
 
     sections = parse_sections(only)
-    if url is not None and not url.startswith(("http://", "https://")):
-        raise UsageError(f"--url {url}: expected http://HOST:PORT (the frontend's endpoint)")
+    if url is not None:  # what cannot be an HTTP endpoint is refused before anything runs, as bench does
+        from dynamo.core.bench.client import normalize_base_url
+
+        normalize_base_url(url)
     if url and run:
         raise UsageError("--url and --run both name what to check live: give one")
     options = CheckOptions(profile=profile, overrides=tuple(overrides or ()), backend=backend,

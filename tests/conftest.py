@@ -144,17 +144,55 @@ def serve(tmp_path):
 
     yield start
     for run in started:
-        if run.proc.poll() is None:
+        kill_run(run)
+
+
+def kill_run(run: Run) -> None:
+    """SIGKILL a test's ``dynamo serve`` (its process group) and every process of its run."""
+    if run.proc.poll() is None:
+        try:
+            os.killpg(run.proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        run.proc.wait(10)
+    deadline = time.monotonic() + 5
+    while marked(run.marker) and time.monotonic() < deadline:
+        for pid in marked(run.marker):
             try:
-                os.killpg(run.proc.pid, signal.SIGKILL)
+                os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
-            run.proc.wait(10)
-        deadline = time.monotonic() + 5
-        while marked(run.marker) and time.monotonic() < deadline:
-            for pid in marked(run.marker):
-                try:
-                    os.kill(pid, signal.SIGKILL)
-                except ProcessLookupError:
+        time.sleep(0.1)
+
+
+# A NATS port answers a TCP connection with its INFO line before the client says anything: the
+# case of --url pointing at the run's NATS port instead of the frontend.
+NATS_GREETING = (b'INFO {"server_id":"NTEST","version":"2.10.0","proto":1,"host":"127.0.0.1","port":4222,'
+                 b'"max_payload":1048576}\r\n')
+
+
+@pytest.fixture
+def nats_like_server():
+    """``http://127.0.0.1:PORT`` of a server that greets like nats-server (not HTTP); stopped at teardown."""
+    import socketserver
+    import threading
+
+    class Greeter(socketserver.BaseRequestHandler):
+        def handle(self) -> None:
+            self.request.sendall(NATS_GREETING)
+            self.request.settimeout(5)
+            try:
+                while self.request.recv(4096):
                     pass
-            time.sleep(0.1)
+            except OSError:
+                pass
+
+    class Server(socketserver.ThreadingTCPServer):
+        daemon_threads = True
+
+    server = Server(("127.0.0.1", 0), Greeter)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()

@@ -11,18 +11,20 @@ one request stops the run.
 from __future__ import annotations
 
 import asyncio
+import re
 import socket
 import time
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import urlsplit
 
 import aiohttp
 import msgspec
 
 from dynamo.core.errors import UsageError
 
-__all__ = ["RequestRecord", "EndpointClient", "ServerInfo", "ServerNotReady", "ServerRefused", "normalize_base_url",
-           "make_session"]
+__all__ = ["RequestRecord", "EndpointClient", "ServerInfo", "ServerNotReady", "ServerRefused", "EndpointNotHTTP",
+           "normalize_base_url", "not_http", "make_session"]
 
 
 class _Delta(msgspec.Struct):
@@ -95,16 +97,60 @@ class RequestRecord:
 
 
 def normalize_base_url(url: str) -> str:
-    """``http://h:p``, ``http://h:p/`` and ``http://h:p/v1`` all become ``http://h:p/v1``."""
-    url = url.strip().rstrip("/")
-    if "://" not in url:
+    """``http://h:p``, ``http://h:p/``, ``http://h:p/v1`` and ``h:p`` all become ``http://h:p/v1``.
+
+    Raises :class:`UsageError` for anything that cannot be an HTTP endpoint (another scheme, no
+    host, a port outside 1-65535, a bare word): such a URL would never become ready, so waiting
+    for it would only hide the typo.
+    """
+    given = url
+    url = url.strip()
+    expected = "expected http://HOST:PORT or https://HOST[:PORT], with or without /v1"
+    if not url or any(c.isspace() for c in url):
+        raise UsageError(f"--url {given!r} is not a URL: {expected}")
+    if not re.match(r"[A-Za-z][A-Za-z0-9+.-]*://", url):
+        # HOST:PORT alone is a common shorthand; a bare word (a typo, a missing scheme) is not.
+        if not re.fullmatch(r"(\[[0-9A-Fa-f:.]+\]|[^/:\[\]]+):[0-9]+(/.*)?", url):
+            raise UsageError(f"--url {given}: not a URL: {expected}")
         url = "http://" + url
+    url = url.rstrip("/")
+    parts = urlsplit(url)
+    if parts.scheme.lower() not in ("http", "https"):
+        raise UsageError(f"--url {given}: the scheme must be http or https, not {parts.scheme or 'empty'}: {expected}")
+    if not parts.hostname:
+        raise UsageError(f"--url {given}: no host: {expected}")
+    try:
+        port = parts.port
+    except ValueError:
+        port = -1
+    if parts.netloc.endswith(":") or (port is not None and not 1 <= port <= 65535):
+        text = parts.netloc.rsplit("]", 1)[-1].rpartition(":")[2]
+        raise UsageError(f"--url {given}: the port must be a number from 1 to 65535, not {text or 'empty'}")
     for suffix in ("/chat/completions", "/completions"):
         if url.endswith(suffix):
             url = url[: -len(suffix)]
     if not url.endswith("/v1"):
         url += "/v1"
     return url
+
+
+def not_http(exc: BaseException) -> str | None:
+    """Why an answer was not HTTP at all (a NATS port answers ``INFO {...}``), or None.
+
+    aiohttp reports such an answer as a 400 "Bad status line" carrying the raw bytes; they mean
+    nothing to a user, who needs to hear that the host and port are not an HTTP endpoint.
+    """
+    if not isinstance(exc, aiohttp.ClientResponseError):
+        return None
+    text = str(exc.message)
+    if not text.startswith("Bad status line"):
+        return None
+    for greeting, what in (("INFO {", "a NATS server"), ("SSH-", "an SSH server")):
+        if greeting in text:
+            return f"it answers like {what}, not an HTTP server"
+    if "\\x15\\x03" in text or "\\x16\\x03" in text:
+        return "it answers with TLS: an https:// endpoint?"
+    return "its answer is not an HTTP response"
 
 
 def _nodelay_socket(addr_info) -> socket.socket:
@@ -204,7 +250,9 @@ class EndpointClient:
         except (aiohttp.ServerDisconnectedError, aiohttp.ClientPayloadError, aiohttp.ClientOSError) as exc:
             rec.error, rec.error_detail = "disconnected", f"{type(exc).__name__}: {exc}"
         except aiohttp.ClientResponseError as exc:
-            rec.error, rec.error_detail = "bad_response", f"{type(exc).__name__}: {exc}"
+            rec.error = "bad_response"
+            reason = not_http(exc)
+            rec.error_detail = f"the server does not speak HTTP: {reason}" if reason else f"{type(exc).__name__}: {exc}"
         except aiohttp.ClientError as exc:
             rec.error, rec.error_detail = "client_error", f"{type(exc).__name__}: {exc}"
         except OSError as exc:
@@ -342,6 +390,9 @@ class EndpointClient:
                     else:
                         last = f"/v1/models answered HTTP {resp.status}"
             except (aiohttp.ClientError, OSError, asyncio.TimeoutError, ValueError) as exc:
+                reason = not_http(exc)
+                if reason:  # it will not start speaking HTTP: the host or port is wrong
+                    raise EndpointNotHTTP(f"{self.base_url} does not speak HTTP ({reason}): check its host and port")
                 last = f"{type(exc).__name__}: {exc}"
             if time.monotonic() > deadline:
                 raise ServerNotReady(f"{self.base_url} is not ready after {timeout:g}s ({last})")
@@ -412,3 +463,8 @@ class ServerNotReady(Exception):
 class ServerRefused(UsageError):
     """The endpoint answers but refuses what was asked (no or a wrong API key, a model it does not
     serve): waiting would not help, the command line must change (exit 2)."""
+
+
+class EndpointNotHTTP(UsageError):
+    """Something answers at the endpoint's host and port, but not in HTTP (a NATS port, say):
+    the URL is wrong, so it is a usage error (exit 2) rather than a server to wait for."""

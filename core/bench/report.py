@@ -23,7 +23,7 @@ from dynamo.core.bench.metrics import PERCENTILES, request_metrics
 from dynamo.core.bench.runner import BenchResult, LiveStats, PointResult
 from dynamo.core.text import quantity
 
-__all__ = ["DIST_METRICS", "LiveDisplay", "result_to_dict", "point_table", "sweep_table", "write_outputs",
+__all__ = ["DIST_METRICS", "LiveDisplay", "result_to_dict", "point_table", "sweep_tables", "write_outputs",
            "load_results", "RESULTS_FILE"]
 
 RESULTS_FILE = "results.json"
@@ -145,8 +145,12 @@ def _headline(s: dict) -> Table:
     t.add_column(style="bold")
     t.add_column()
     tok = s["tokens"]
+    sent = s["requests"] + s["cancelled"]
+    outcome = f"{s['completed']} ok, {s['failed']} failed" + (f", {s['cancelled']} cancelled" if s["cancelled"] else "")
+    if sent and not s["completed"]:
+        outcome += " (every request failed)" if s["failed"] == sent else " (none succeeded)"
     rows = [
-        ("Requests", f"{s['completed']} ok, {s['failed']} failed" + (f", {s['cancelled']} cancelled" if s["cancelled"] else "")),
+        ("Requests", f"{sent} sent: {outcome}"),
         ("Duration", f"{s['duration_s']:.2f} s"),
         ("Request throughput", f"{s['request_throughput']:.2f} req/s"),
         ("Output token throughput", f"{s['output_token_throughput']:,.1f} tok/s"),
@@ -156,13 +160,14 @@ def _headline(s: dict) -> Table:
     if s.get("goodput") is not None:
         slos = " ".join(f"{k}:{v:g}" for k, v in (s.get("goodput_slos_ms") or {}).items())
         rows.append(("Goodput", f"{s['goodput']:.2f} req/s ({100 * s['goodput_fraction']:.1f}% of requests meet {slos} ms)"))
-    rows.append(("Input tokens client / server", f"{_fmt(tok['input_client'])} / {_fmt(tok['input_server'])}"
-                 + (f" (diff {tok['input_difference']:+d}, {tok['input_difference_pct']:+.2f}%)"
-                    if tok["input_difference"] is not None and tok["input_difference_pct"] is not None else "")))
-    rows.append(("Output tokens client / server", f"{_fmt(tok['output_client'])} / {_fmt(tok['output_server'])}"
-                 + (f" (diff {tok['output_difference']:+d}, {tok['output_difference_pct']:+.2f}%)"
-                    if tok["output_difference"] is not None and tok["output_difference_pct"] is not None else "")
-                 + f"; requested {tok['output_requested']}"))
+    if s["completed"]:  # token counts are over successful requests: none, nothing to count
+        rows.append(("Input tokens client / server", f"{_fmt(tok['input_client'])} / {_fmt(tok['input_server'])}"
+                     + (f" (diff {tok['input_difference']:+d}, {tok['input_difference_pct']:+.2f}%)"
+                        if tok["input_difference"] is not None and tok["input_difference_pct"] is not None else "")))
+        rows.append(("Output tokens client / server", f"{_fmt(tok['output_client'])} / {_fmt(tok['output_server'])}"
+                     + (f" (diff {tok['output_difference']:+d}, {tok['output_difference_pct']:+.2f}%)"
+                        if tok["output_difference"] is not None and tok["output_difference_pct"] is not None else "")
+                     + f"; requested {tok['output_requested']}"))
     sources = tok.get("chunk_token_source")
     if sources and s.get("itl_ms"):
         rows.append(("Tokens per chunk from", ", ".join(f"{k} ({quantity(v, 'request')})"
@@ -174,6 +179,9 @@ def _headline(s: dict) -> Table:
         rows.append(("Errors", ", ".join(f"{k} {v}" for k, v in s["errors"].items())))
     for w in s.get("warnings") or []:
         rows.append(("[yellow]Warning[/]", w))
+    if s.get("interrupted"):
+        rows.append(("[yellow]Interrupted[/]", "this load point was cut short: its numbers cover the requests that "
+                     "finished before the signal"))
     for k, v in rows:
         t.add_row(k, v)
     return t
@@ -185,31 +193,44 @@ def point_table(result: PointResult | dict, title: str | None = None) -> Group:
         label, s = result.point.label, result.summary
     else:
         label, s = result["point"]["label"], result["summary"]
-    dist = Table(title=title or f"dynamo bench: {label}", title_justify="left")
+    if title is None:
+        title = f"dynamo bench: {label}" + (" (interrupted: partial)" if s.get("interrupted") else "")
+    dist = Table(title=title, title_justify="left")
     dist.add_column("Metric")
     for stat in STATS:
-        dist.add_column(stat, justify="right")
+        _number_column(dist, stat)
     for key, name in DIST_METRICS:
         d = s.get(key)
         if not d:
             continue
         digits = 0 if key in ("input_tokens", "output_tokens") else 2
         dist.add_row(name, *[_fmt(d.get(stat), digits) for stat in STATS])
+    if not dist.row_count:  # every request failed: no distribution to show
+        return Group(Text(title, style="italic"), _headline(s))
     return Group(dist, _headline(s))
 
 
-SWEEP_COLUMNS: list[tuple[str, str, str | None]] = [
+# Two tables of at most 7 columns: one table of 13 does not fit an 80-column terminal.
+SWEEP_THROUGHPUT: list[tuple[str, str, str | None]] = [
     ("Req/s", "request_throughput", None),
     ("Out tok/s", "output_token_throughput", None),
     ("Tok/s/user p50", "output_tokens_per_s_per_user", "p50"),
+    ("Goodput", "goodput", None),
+]
+SWEEP_LATENCY: list[tuple[str, str, str | None]] = [
     ("TTFT p50", "ttft_ms", "p50"),
     ("TTFT p99", "ttft_ms", "p99"),
     ("ITL p50", "itl_ms", "p50"),
     ("ITL p99", "itl_ms", "p99"),
     ("TPOT p50", "tpot_ms", "p50"),
     ("E2EL p50", "e2el_ms", "p50"),
-    ("Goodput", "goodput", None),
 ]
+
+
+def _number_column(table: Table, header: str) -> None:
+    """A right-aligned column whose numbers are never cut: the table wraps its text columns first,
+    and a number too wide for any layout folds onto a second line rather than losing digits."""
+    table.add_column(header, justify="right", no_wrap=True, overflow="fold")
 
 
 def summary_value(s: dict, key: str, stat: str | None) -> float | None:
@@ -219,19 +240,28 @@ def summary_value(s: dict, key: str, stat: str | None) -> float | None:
     return (v or {}).get(stat)
 
 
-def sweep_table(points: Iterable[dict]) -> Table:
-    """One row per load point (times in ms)."""
-    t = Table(title="dynamo bench sweep (times in ms)", title_justify="left")
-    t.add_column("Load")
-    t.add_column("OK", justify="right")
-    t.add_column("Err", justify="right")
-    for name, _, _ in SWEEP_COLUMNS:
-        t.add_column(name, justify="right")
+def sweep_tables(points: Iterable[dict]) -> list[Table]:
+    """One row per load point, in two tables that each fit 80 columns: throughput, then latency (ms).
+    A point cut short by a signal is marked ``*``."""
+    points = list(points)
+    throughput = Table(title="dynamo bench sweep: throughput", title_justify="left")
+    latency = Table(title="dynamo bench sweep: latency (ms)", title_justify="left")
+    for table in (throughput, latency):
+        table.add_column("Load")
+    for header in ("OK", "Err", *(name for name, _, _ in SWEEP_THROUGHPUT)):
+        _number_column(throughput, header)
+    for name, _, _ in SWEEP_LATENCY:
+        _number_column(latency, name)
     for p in points:
         s = p["summary"]
-        t.add_row(p["point"]["label"], str(s["completed"]), str(s["failed"]),
-                  *[_fmt(summary_value(s, key, stat)) for _, key, stat in SWEEP_COLUMNS])
-    return t
+        label = p["point"]["label"] + ("*" if s.get("interrupted") else "")
+        throughput.add_row(label, str(s["completed"]), str(s["failed"]),
+                           *[_fmt(summary_value(s, key, stat)) for _, key, stat in SWEEP_THROUGHPUT])
+        latency.add_row(label, *[_fmt(summary_value(s, key, stat)) for _, key, stat in SWEEP_LATENCY])
+    if any(p["summary"].get("interrupted") for p in points):
+        for table in (throughput, latency):
+            table.caption, table.caption_justify = "* interrupted: partial results", "left"
+    return [throughput, latency]
 
 
 def _csv_row(p: dict) -> dict:
@@ -240,7 +270,7 @@ def _csv_row(p: dict) -> dict:
                            "request_rate": p["point"]["request_rate"], "burstiness": p["point"]["burstiness"]}
     for k in ("requests", "completed", "failed", "cancelled", "duration_s", "request_throughput",
               "output_token_throughput", "total_token_throughput", "goodput", "goodput_fraction",
-              "mean_concurrency", "peak_concurrency"):
+              "mean_concurrency", "peak_concurrency", "interrupted"):
         row[k] = s.get(k)
     for key, _ in DIST_METRICS:
         d = s.get(key) or {}

@@ -21,8 +21,8 @@ from dynamo.core.bench.client import EndpointClient, RequestRecord, ServerInfo, 
 from dynamo.core.bench.metrics import distribution, summarize
 from dynamo.core.bench.workloads import BenchTokenizer, MultiTurnWorkload, Session
 
-__all__ = ["LoadPoint", "BenchSettings", "LiveStats", "PointResult", "BenchResult", "arrival_intervals",
-           "run_benchmark", "run_async"]
+__all__ = ["LoadPoint", "BenchSettings", "LiveStats", "PointResult", "BenchResult", "BenchInterrupted",
+           "arrival_intervals", "run_benchmark", "run_async"]
 
 
 @dataclass(frozen=True)
@@ -100,6 +100,15 @@ class BenchResult:
     config: dict
     server: ServerInfo
     points: list[PointResult]
+
+
+class BenchInterrupted(Exception):
+    """The benchmark was cancelled (a signal) after something was measured: ``result`` holds the points
+    that finished and, marked ``interrupted`` in its summary, the part of the current one that did."""
+
+    def __init__(self, result: BenchResult):
+        super().__init__(f"interrupted after {len(result.points)} load point(s)")
+        self.result = result
 
 
 def arrival_intervals(rate: float, burstiness: float, rng: random.Random) -> Iterator[float]:
@@ -336,12 +345,20 @@ async def run_benchmark(
     on_point: Callable[[PointResult], None] | None = None,
     continuous_usage: bool = True,
 ) -> BenchResult:
-    """Readiness check, then every load point in order. Returns records and summaries."""
+    """Readiness check, then every load point in order. Returns records and summaries.
+
+    Cancelled (Ctrl-C, SIGTERM, SIGHUP) once something was measured, it raises :class:`BenchInterrupted`
+    with the points that finished and the finished requests of the current one.
+    """
     stats = stats or LiveStats()
     max_conn = 0
     if all(p.concurrency is not None for p in points):
         max_conn = max(p.concurrency for p in points) + 1  # type: ignore[type-var]
     session = make_session(max_conn, timeout)
+    results: list[PointResult] = []
+    current: list[_PointRun] = []  # the point being measured, if any
+    info: ServerInfo | None = None
+    interrupted = False
     try:
         client = EndpointClient(session, url, model or "", endpoint, stream, ignore_eos, continuous_usage,
                                 extra_body, api_key)
@@ -351,42 +368,76 @@ async def run_benchmark(
         if tokenizer is None and maker is not None:
             stats.phase = "calibrating prompt lengths"
             await _calibrate(client, maker)
-        multi_turn = isinstance(workload, MultiTurnWorkload)
-        sessions = workload.sessions()
-        results: list[PointResult] = []
-        for point in points:
-            if settings.warmup > 0:
-                stats.reset(point.label, "warmup", settings.warmup, None)
-                width = point.concurrency or point.max_concurrency or settings.warmup
-                warm = _PointRun(client, LoadPoint(concurrency=min(width, settings.warmup)), settings, tokenizer,
-                                 stats, multi_turn, settings.warmup, None)
-                await warm.run(sessions)
-                sessions = itertools.chain(warm.unsent, sessions)
-            num = settings.num_requests
-            if num is None and settings.duration is None and not point.trace:
-                num = _default_requests(point)
-            stats.reset(point.label, "measuring", num, settings.duration)
-            run = _PointRun(client, point, settings, tokenizer, stats, multi_turn, num, settings.duration)
-            ahead = _prebuild_count(point, num, settings.duration)
-            if ahead:
-                # Build the prompts before the clock starts so generation never delays sending.
-                sessions = itertools.chain(await _build_ahead(sessions, ahead), sessions)
-            await run.run(sessions)
-            # The next point goes on where this one stopped: no prompt is skipped or sent twice
-            # (a dataset smaller than the whole run is cycled by its workload, not here).
-            sessions = itertools.chain(run.unsent, sessions)
-            stats.phase = "summarizing"
-            _finalize(run.records, tokenizer)
-            summary = summarize(run.records, goodput, run.cancelled)
-            summary["client_loop_lag_ms"] = distribution([x * 1000 for x in run.loop_lag])
-            summary["warnings"] = generator_warnings(summary, point)
-            result = PointResult(point, run.records, summary)
-            results.append(result)
-            if on_point:
-                on_point(result)
-        return BenchResult({}, info, results)
+        await _run_points(client, workload, points, settings, tokenizer, goodput, stats, on_point, results, current)
+    except asyncio.CancelledError:
+        if current and current[0].records:
+            results.append(_point_result(current[0], tokenizer, goodput, interrupted=True))
+        if not results:
+            raise
+        interrupted = True
     finally:
-        await session.close()
+        try:
+            await session.close()
+        except asyncio.CancelledError:  # the signal came as the last point finished: it is complete
+            if not results:
+                raise
+            interrupted = True
+    if interrupted:
+        task = asyncio.current_task()
+        if task is not None:
+            task.uncancel()  # handled: the caller gets what was measured, not a cancellation
+        raise BenchInterrupted(BenchResult({}, info, results))  # type: ignore[arg-type]
+    return BenchResult({}, info, results)  # type: ignore[arg-type]
+
+
+async def _run_points(client: EndpointClient, workload: Any, points: list[LoadPoint], settings: BenchSettings,
+                      tokenizer: BenchTokenizer | None, goodput: dict[str, float], stats: LiveStats,
+                      on_point: Callable[[PointResult], None] | None, results: list[PointResult],
+                      current: list[_PointRun]) -> None:
+    """Warmup and measure each point in order, appending to ``results``; ``current`` holds the point
+    being measured (so an interruption can keep what it measured)."""
+    multi_turn = isinstance(workload, MultiTurnWorkload)
+    sessions = workload.sessions()
+    for point in points:
+        current.clear()
+        if settings.warmup > 0:
+            stats.reset(point.label, "warmup", settings.warmup, None)
+            width = point.concurrency or point.max_concurrency or settings.warmup
+            warm = _PointRun(client, LoadPoint(concurrency=min(width, settings.warmup)), settings, tokenizer,
+                             stats, multi_turn, settings.warmup, None)
+            await warm.run(sessions)
+            sessions = itertools.chain(warm.unsent, sessions)
+        num = settings.num_requests
+        if num is None and settings.duration is None and not point.trace:
+            num = _default_requests(point)
+        stats.reset(point.label, "measuring", num, settings.duration)
+        run = _PointRun(client, point, settings, tokenizer, stats, multi_turn, num, settings.duration)
+        ahead = _prebuild_count(point, num, settings.duration)
+        if ahead:
+            # Build the prompts before the clock starts so generation never delays sending.
+            sessions = itertools.chain(await _build_ahead(sessions, ahead), sessions)
+        current.append(run)
+        await run.run(sessions)
+        current.clear()
+        # The next point goes on where this one stopped: no prompt is skipped or sent twice
+        # (a dataset smaller than the whole run is cycled by its workload, not here).
+        sessions = itertools.chain(run.unsent, sessions)
+        stats.phase = "summarizing"
+        result = _point_result(run, tokenizer, goodput)
+        results.append(result)
+        if on_point:
+            on_point(result)
+
+
+def _point_result(run: _PointRun, tokenizer: BenchTokenizer | None, goodput: dict[str, float],
+                  interrupted: bool = False) -> PointResult:
+    """Summarize one load point; ``interrupted``: it was cut short, the summary covers what finished."""
+    _finalize(run.records, tokenizer)
+    summary = summarize(run.records, goodput, run.cancelled)
+    summary["client_loop_lag_ms"] = distribution([x * 1000 for x in run.loop_lag])
+    summary["warnings"] = generator_warnings(summary, run.point)
+    summary["interrupted"] = interrupted
+    return PointResult(run.point, run.records, summary)
 
 
 async def _build_ahead(sessions: Iterator[Session], count: int, batch: int = 500) -> list[Session]:

@@ -29,7 +29,10 @@ def run(ctx: CheckContext, out: Results) -> None:
 
 def server_root(url: str) -> str:
     """``http://h:p``, ``http://h:p/``, ``http://h:p/v1`` and ``http://h:p/v1/`` all become ``http://h:p``:
-    the OpenAI base URL clients are configured with works here as it does for ``dynamo bench``."""
+    the OpenAI base URL clients are configured with works here as it does for ``dynamo bench``.
+
+    A URL that cannot be an HTTP endpoint (no host, a port outside 1-65535) is a UsageError (exit 2),
+    with the message ``dynamo bench --url`` gives."""
     from dynamo.core.bench.client import normalize_base_url
 
     return normalize_base_url(url).removesuffix("/v1")

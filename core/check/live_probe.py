@@ -159,8 +159,13 @@ def _timeout(seconds: float):
 
 
 def _describe(exc: BaseException) -> str:
+    from dynamo.core.bench.client import not_http
+
     if isinstance(exc, asyncio.TimeoutError):
         return "no answer (timed out)"
+    reason = not_http(exc)
+    if reason:
+        return f"does not speak HTTP ({reason})"
     text = str(exc) or type(exc).__name__
     return text if len(text) < 160 else text[:157] + "..."
 
@@ -393,6 +398,11 @@ async def check_endpoint(ctx: CheckContext, out: Results, url: str) -> None:
                 model = data[0]["id"] if data else None
             except (ValueError, KeyError, TypeError, AttributeError):
                 model = None
+        if health.get("not_http"):
+            out.error("endpoint", f"{url} does not speak HTTP ({health['not_http']})",
+                      "check the host and port: --url is the frontend's HTTP endpoint (dynamo ps shows it)",
+                      url=url)
+            return
         if health.get("status") is None:
             out.error("endpoint", f"{url} does not answer: {health.get('detail')}",
                       "check the URL, and that the server runs (dynamo ps)", url=url)
@@ -445,4 +455,6 @@ async def _get(session, url: str, headers: dict | None = None) -> dict:
             body = (await resp.read()).decode("utf-8", "replace")
             return {"status": resp.status, "body": body, "ms": (time.monotonic() - started) * 1000}
     except Exception as exc:
-        return {"status": None, "detail": _describe(exc)}
+        from dynamo.core.bench.client import not_http
+
+        return {"status": None, "detail": _describe(exc), "not_http": not_http(exc)}

@@ -76,7 +76,11 @@ def test_every_request_failing_exits_1(fake_server, bench_process):
     url = fake_server("--error-every", "1")
     proc = bench_process("--url", url, "-n", "3", "--no-progress")
     assert proc.returncode == 1
-    assert "every request failed (http_500 3)" in proc.stderr and "Traceback" not in proc.stderr
+    assert "every request failed (3 requests sent: http_500 3)" in proc.stderr and "Traceback" not in proc.stderr
+    # the report says how many were sent and that all failed (not "requested 0": no tokens to count)
+    assert re.search(r"^Requests +3 sent: 0 ok, 3 failed \(every request failed\) *$", proc.stdout, re.MULTILINE), \
+        proc.stdout
+    assert "requested 0" not in proc.stdout and "Output tokens client / server" not in proc.stdout
 
 
 def test_an_unreachable_server_fails_the_readiness_check(bench):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from dynamo.core.bench.client import RequestRecord, normalize_base_url
@@ -87,6 +89,16 @@ def test_goodput_parsing():
 @pytest.mark.parametrize("url", ["http://h:1", "http://h:1/", "http://h:1/v1", "h:1", "http://h:1/v1/chat/completions"])
 def test_base_url_normalization(url):
     assert normalize_base_url(url) == "http://h:1/v1"
+
+
+@pytest.mark.parametrize("url, message", [
+    ("not-a-url", "not a URL"), ("ftp://x", "the scheme must be http or https, not ftp"), ("http://", "no host"),
+    ("http://h:99999", "from 1 to 65535, not 99999"), ("http://h:0", "not 0"), ("http://h:x/v1", "not x"),
+    ("h:", "not a URL"), ("http://a b:1", "is not a URL"), ("", "is not a URL"),
+])
+def test_a_base_url_that_cannot_work_is_a_usage_error(url, message):
+    with pytest.raises(UsageError, match=re.escape(message)):
+        normalize_base_url(url)
 
 
 def test_generator_warnings():

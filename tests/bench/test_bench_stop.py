@@ -1,8 +1,10 @@
 """Stopping ``dynamo bench`` early, and what ``--profile`` leaves behind.
 
-SIGINT and SIGTERM stop the load within about a second and, with --profile, stop the served run
-(supervisor, nats-server, mockers, frontend): nothing is left running. The temporary run directory
-of --profile is removed unless the run failed (then its logs are kept and named).
+SIGINT, SIGTERM and SIGHUP (the terminal closed) stop the load within about a second and, with
+--profile, stop the served run (supervisor, nats-server, mockers, frontend): nothing is left running.
+What was measured is kept: the finished load points and the finished requests of the current one,
+marked interrupted. The temporary run directory of --profile is removed unless the run failed (then
+its logs are kept and named).
 """
 
 from __future__ import annotations
@@ -50,19 +52,25 @@ class Bench:
     without parsing output, so the teardown finds it even when the output is not what a test expects.
     """
 
-    def __init__(self, tmp_path: Path, *args: str, background_job: bool = False):
+    def __init__(self, tmp_path: Path, *args: str, background_job: bool = False, nohup: bool = False):
         self.tmp_path = tmp_path
         self.err_path = tmp_path / "bench.err"
+        self.out_path = tmp_path / "bench.out"
         argv = [sys.executable, "-m", "dynamo.cli.app", "bench", *args, "--no-progress"]
         if background_job:  # `dynamo bench ... &` in a script: the shell starts it with SIGINT ignored
             argv = ["sh", "-c", "trap '' INT; exec \"$@\"", "sh", *argv]
-        with open(self.err_path, "wb") as err:
-            self.proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=err, stdin=subprocess.DEVNULL,
+        if nohup:  # `nohup dynamo bench ...`: started with SIGHUP ignored, to outlive the terminal
+            argv = ["sh", "-c", "trap '' HUP; exec \"$@\"", "sh", *argv]
+        with open(self.err_path, "wb") as err, open(self.out_path, "wb") as out:
+            self.proc = subprocess.Popen(argv, stdout=out, stderr=err, stdin=subprocess.DEVNULL,
                                          env=_env(tmp_path), cwd=tmp_path, start_new_session=True)
         self.pids: set[int] = set()
 
     def stderr(self) -> str:
         return self.err_path.read_text(errors="replace")
+
+    def stdout(self) -> str:
+        return self.out_path.read_text(errors="replace")
 
     def run_dirs(self) -> list[Path]:
         return _leftover_dirs(self.tmp_path)
@@ -149,14 +157,16 @@ def _leftover_dirs(tmp_path: Path) -> list[Path]:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("sig, background_job", [(signal.SIGTERM, False), (signal.SIGINT, False),
-                                                 (signal.SIGINT, True)],
-                         ids=["SIGTERM", "SIGINT", "SIGINT-background-job"])
+                                                 (signal.SIGINT, True), (signal.SIGHUP, False)],
+                         ids=["SIGTERM", "SIGINT", "SIGINT-background-job", "SIGHUP"])
 def test_a_signal_stops_the_load_and_the_served_run(start_bench, tmp_path, sig, background_job):
     profile = tmp_path / "benchstop.yaml"
     profile.write_text(textwrap.dedent(PROFILE))
     bench = start_bench("--profile", str(profile), "-c", "4", "--duration", "120s", "--input-len", "16",
                         "--output-len", "16", background_job=background_job)
-    _wait_for_load(bench.state()["endpoint"])
+    endpoint = bench.state()["endpoint"]
+    _wait_for_load(endpoint)
+    _wait_for_answered(endpoint, 3 + 12)  # the readiness and calibration requests, then 12 of the load
     took = bench.signal_and_wait(sig, timeout=15)
     err = bench.stderr()
     assert bench.proc.returncode == 128 + sig, err
@@ -164,6 +174,24 @@ def test_a_signal_stops_the_load_and_the_served_run(start_bench, tmp_path, sig, 
     assert bench.left_running() == [], err
     assert took < 8, f"{took:.1f}s to stop the load and the served run:\n{err}"
     assert _leftover_dirs(tmp_path) == [], err
+    # what the point measured before the signal is printed, marked as partial
+    out = bench.stdout()
+    assert "dynamo bench: c4 (interrupted: partial)" in out, out
+    requests = re.search(r"^Requests +(\d+) sent: (\d+) ok", out, re.MULTILINE)
+    assert requests and int(requests.group(2)) >= 8, out
+    assert "0 of 1 load point completed, and what c4 measured before it was cut short is kept" in err, err
+
+
+def _wait_for_answered(endpoint: str, count: int, timeout: float = 30) -> None:
+    """Until the frontend has counted ``count`` requests (dynamo_frontend_requests_total, all labels)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        text = urllib.request.urlopen(endpoint + "/metrics", timeout=2).read().decode()
+        done = sum(float(v) for v in re.findall(r"^dynamo_frontend_requests_total\{[^}]*\} (\S+)", text, re.MULTILINE))
+        if done >= count:
+            return
+        assert time.monotonic() < deadline, f"only {done:g} requests answered"
+        time.sleep(0.1)
 
 
 @pytest.mark.slow
@@ -225,8 +253,8 @@ def test_a_taken_port_is_one_clear_error(tmp_path):
 
 
 @pytest.mark.parametrize("sig, background_job", [(signal.SIGTERM, False), (signal.SIGINT, False),
-                                                 (signal.SIGINT, True)],
-                         ids=["SIGTERM", "SIGINT", "SIGINT-background-job"])
+                                                 (signal.SIGINT, True), (signal.SIGHUP, False)],
+                         ids=["SIGTERM", "SIGINT", "SIGINT-background-job", "SIGHUP"])
 def test_a_signal_stops_the_load_on_a_url_at_once(fake_server, tmp_path, sig, background_job):
     log = tmp_path / "requests.jsonl"
     url = fake_server("--itl-ms", "20", "--log", str(log))
@@ -244,6 +272,56 @@ def test_a_signal_stops_the_load_on_a_url_at_once(fake_server, tmp_path, sig, ba
         sent = len(log.read_text().splitlines())
         time.sleep(0.5)
         assert len(log.read_text().splitlines()) == sent  # nothing keeps sending
+    finally:
+        bench.kill()
+
+
+def _wait_for_lines(log: Path, count: int, bench: Bench, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while not log.exists() or len(log.read_text().splitlines()) < count:
+        assert time.monotonic() < deadline and bench.proc.poll() is None, bench.stderr()
+        time.sleep(0.02)
+
+
+def test_an_interrupted_sweep_keeps_the_finished_points_and_the_partial_one(fake_server, tmp_path):
+    # each request takes about 1 s (50 tokens, 20 ms apart): c1 sends 4 one after the other, then c2 two
+    # pairs; the signal comes while c2's second pair is in flight, its first pair done
+    log = tmp_path / "requests.jsonl"
+    url = fake_server("--itl-ms", "20", "--log", str(log))
+    out = tmp_path / "out"
+    bench = Bench(tmp_path, "--url", url, "-c", "1,2,4", "-n", "4", "--input-len", "8", "--output-len", "50",
+                  "-o", str(out), "--no-plots")
+    try:
+        _wait_for_lines(log, 3 + 4 + 4, bench)  # readiness and calibration, c1, then c2's second pair sent
+        bench.signal_and_wait(signal.SIGINT, timeout=10)
+        err, stdout = bench.stderr(), bench.stdout()
+        assert bench.proc.returncode == 130, err
+        assert ("error: interrupted by SIGINT before the benchmark finished: 1 of 3 load points completed, and what "
+                f"c2 measured before it was cut short is kept, marked interrupted; results in {out}") in err, err
+        doc = json.loads((out / "results.json").read_text())
+        assert doc["interrupted"] == {"signal": "SIGINT", "load_points_planned": 3, "load_points_completed": 1}
+        c1, c2 = (p["summary"] for p in doc["points"])
+        assert (c1["interrupted"], c1["completed"], c1["cancelled"]) == (False, 4, 0)
+        assert (c2["interrupted"], c2["completed"], c2["cancelled"]) == (True, 2, 2), c2
+        assert len((out / "requests-c2.jsonl").read_text().splitlines()) == 2
+        assert "interrupted" in (out / "summary.csv").read_text().splitlines()[0]
+        assert "dynamo bench: c2 (interrupted: partial)" in stdout and "4 sent: 2 ok, 0 failed, 2 cancelled" in stdout
+        assert "│ c2*" in stdout and "* interrupted: partial results" in stdout, stdout
+    finally:
+        bench.kill()
+
+
+def test_a_sighup_ignored_at_start_stays_ignored(fake_server, tmp_path):
+    # `nohup dynamo bench ...` is how a run is made to outlive its terminal
+    log = tmp_path / "requests.jsonl"
+    url = fake_server("--itl-ms", "5", "--log", str(log))
+    bench = Bench(tmp_path, "--url", url, "-c", "2", "-n", "20", "--input-len", "8", "--output-len", "40", "--json",
+                  nohup=True)
+    try:
+        _wait_for_lines(log, 3 + 2, bench)
+        bench.proc.send_signal(signal.SIGHUP)
+        assert bench.proc.wait(60) == 0, bench.stderr()
+        assert json.loads(bench.stdout())["points"][0]["summary"]["completed"] == 20
     finally:
         bench.kill()
 

@@ -194,7 +194,7 @@ def test_a_profile_that_does_not_exist_is_a_usage_error(tmp_path):
 
 @pytest.mark.parametrize("args, message", [
     (["--only", "disk"], "unknown section"),
-    (["--url", "localhost:8000"], "expected http://"),
+    (["--url", "ftp://localhost:8000"], "the scheme must be http or https"),  # HOST:PORT alone is fine, as in bench
 ])
 def test_usage_errors_exit_2(args, message):
     check = run_check(*args)
