@@ -19,6 +19,7 @@ import itertools
 import logging
 import os
 import random
+import re
 import signal
 import sys
 import time
@@ -27,6 +28,7 @@ from dataclasses import dataclass, field
 
 import msgspec
 from aiohttp import web
+from aiohttp.web_protocol import RequestPayloadError
 from aiohttp.http import HttpVersion11
 
 from dynamo.core.disagg import PROTOCOLS, EarlyFinish, strip_foreign
@@ -42,6 +44,7 @@ SUSPECT_SECONDS = 2.0
 STALLED_SECONDS = 2.0  # a stream silent this long on a worker that left rotation moves to another one
 MOVE_STUCK_FOR = 30.0  # how long after a worker left rotation its stuck requests are still looked for
 REPLACEMENT_WAIT = 3.0  # how long a request finding no worker (or whose every worker failed) waits for one to (re)join
+ANSWERED_TRIES = 2  # workers that answer a request with a 5xx (not 503): one retry elsewhere, then their error
 _HOP_HEADERS = {"content-length", "transfer-encoding", "connection", "keep-alive", "content-encoding", "date", "server"}
 _json_encode = msgspec.json.Encoder().encode
 _json_decode = msgspec.json.Decoder().decode
@@ -69,6 +72,7 @@ class ApiError(Exception):
         self.status, self.message, self.kind, self.param, self.code = status, message, kind, param, code
         self.retry_after = retry_after  # seconds, for a 503 that should soon pass
         self.request_id: str | None = None
+        self.close = False  # end the connection after the answer (what is left of the request is unreadable)
 
     def response(self, request_id: str | None = None) -> web.Response:
         body = {"error": {"message": self.message, "type": self.kind, "param": self.param,
@@ -76,8 +80,21 @@ class ApiError(Exception):
         headers = {"x-request-id": request_id} if request_id else {}
         if self.retry_after is not None:
             headers["Retry-After"] = str(self.retry_after)
-        return web.Response(body=_json_encode(body), status=self.status, content_type="application/json",
-                            headers=headers)
+        response = web.Response(body=_json_encode(body), status=self.status, content_type="application/json",
+                                headers=headers)
+        if self.close:
+            response.force_close()
+        return response
+
+
+_REQUEST_ID = re.compile(r"[\x20-\x7e]{1,256}")
+
+
+def _request_id(request: web.Request) -> str:
+    """The client's x-request-id when it is 1-256 printable ASCII characters (it is echoed in headers
+    and sent to workers), else a fresh one: an odd id is no reason to refuse the request."""
+    given = request.headers.get("x-request-id")
+    return given if given is not None and _REQUEST_ID.fullmatch(given) else os.urandom(16).hex()
 
 
 class UpstreamFailed(Exception):
@@ -86,9 +103,11 @@ class UpstreamFailed(Exception):
     ``response``: the client's event stream, if its headers were already sent; the retry
     writes into it."""
 
-    def __init__(self, message: str, response: web.StreamResponse | None = None):
+    def __init__(self, message: str, response: web.StreamResponse | None = None,
+                 answer: tuple[int, bytes] | None = None):
         super().__init__(message)
         self.response = response
+        self.answer = answer  # the worker's own 5xx (status, body): it is alive, and it refused this request
 
 
 # --------------------------------------------------------------------------- validation
@@ -229,6 +248,7 @@ class Attempt:
     hide_usage: bool = False  # usage asked of the worker for the metrics, not wanted by the client
     drop_role: bool = False  # a continuation's opening role chunk: the client has had one already
     background: asyncio.Future | None = None  # a concurrent prefill request (SGLang)
+    answers: list[tuple[int, bytes]] = field(default_factory=list)  # workers' 5xx answers to this request
     route_id: str = field(default_factory=_route_id)  # the router's key for it (request_id is the client's)
 
     def generated(self) -> tuple[str, int]:
@@ -478,16 +498,16 @@ class Frontend:
         try:
             response = await handler(request)
             if not response.prepared and "x-request-id" not in response.headers:  # /v1/models, /health...
-                response.headers["x-request-id"] = request.headers.get("x-request-id") or os.urandom(16).hex()
+                response.headers["x-request-id"] = _request_id(request)
             return response
         except ApiError as exc:
             self.m_errors.labels(exc.kind).inc()
-            return exc.response(exc.request_id or request.headers.get("x-request-id") or os.urandom(16).hex())
+            return exc.response(exc.request_id or _request_id(request))
         except web.HTTPException as exc:
             if exc.status >= 400:
                 kind = "not_found_error" if exc.status == 404 else "invalid_request_error"
                 response = ApiError(exc.status, exc.reason or "error", kind).response(
-                    request.headers.get("x-request-id") or os.urandom(16).hex())
+                    _request_id(request))
                 if "Allow" in exc.headers:  # 405: which methods the route takes
                     response.headers["Allow"] = exc.headers["Allow"]
                 return response
@@ -500,7 +520,7 @@ class Frontend:
             if request.get(_STARTED):
                 raise  # the stream has begun: aiohttp closes the connection, the client sees it cut
             return ApiError(500, "the frontend failed on this request (its log has the traceback)",
-                            "internal_error").response(request.headers.get("x-request-id") or os.urandom(16).hex())
+                            "internal_error").response(_request_id(request))
 
     async def drain(self, timeout: float) -> None:
         """Shutting down (the listening socket is closed already): new requests get 503; those in
@@ -604,7 +624,7 @@ class Frontend:
     # --------------------------------------------------------------- generation
 
     async def _generate(self, request: web.Request, path: str, field_name: str) -> web.StreamResponse:
-        request_id = request.headers.get("x-request-id") or os.urandom(16).hex()
+        request_id = _request_id(request)
         started = time.perf_counter()
         attempt: Attempt | None = None
         kind, status = "unknown", "500"  # the request type is known once the body is read
@@ -618,6 +638,12 @@ class Frontend:
             except web.HTTPRequestEntityTooLarge:
                 raise ApiError(413, f"request body is larger than {self.args.max_body_mb:g} MiB "
                                     f"(frontend.max_body_mb)") from None
+            except RequestPayloadError:  # e.g. a Content-Encoding: gzip body that is not gzip
+                request.content.feed_eof()  # or aiohttp reads on after the answer, fails again, resets the connection
+                error = ApiError(400, "request body could not be read: it does not decode as its "
+                                      f"Content-Encoding ({request.headers.get('Content-Encoding', 'none')}) says")
+                error.close = True
+                raise error from None
             try:
                 body = _json_decode(raw)
             except (msgspec.DecodeError, RecursionError) as exc:
@@ -697,7 +723,9 @@ class Frontend:
                     raise ApiError(503, self.closing, "service_unavailable", retry_after=1)
                 await self._stream_error(attempt, response, self.closing, "service_unavailable", 503)
                 return response
-            worker = await self._choose(attempt, ("agg", "decode"))
+            worker = None if len(attempt.answers) >= ANSWERED_TRIES else await self._choose(attempt, ("agg", "decode"))
+            if worker is None and attempt.answers:
+                return await self._worker_refused(attempt, response)
             if worker is None:
                 worker = await self._replacement(attempt)  # e.g. a failed worker, restarted
             if worker is None:
@@ -721,7 +749,10 @@ class Frontend:
                     and self._can_continue(attempt)
                 result = await self._relay(request, attempt, worker, body, response, migratable)
             except UpstreamFailed as failed:
-                self.suspect[_incarnation(worker)] = time.monotonic() + SUSPECT_SECONDS
+                if failed.answer is None or failed.answer[0] == 503:  # gone, or says it cannot serve now
+                    self.suspect[_incarnation(worker)] = time.monotonic() + SUSPECT_SECONDS
+                else:  # alive, and failed this request: maybe the request, not the worker
+                    attempt.answers.append(failed.answer)
                 response = failed.response or response
                 again = self.m_migrations if attempt.replied else self.m_retries  # a continuation moves on
                 continue
@@ -741,6 +772,17 @@ class Frontend:
             migrations += 1
             attempt.migrated = True
             again = self.m_migrations
+
+    async def _worker_refused(self, attempt: Attempt, response: web.StreamResponse | None) -> web.StreamResponse:
+        """Workers answered this request with a 5xx (not 503): no more tries, and no waiting for other
+        workers to join; the client gets the last worker's message as a 502."""
+        status, data = attempt.answers[-1]
+        message = (f"{quantity(len(attempt.answers), 'worker')} failed this request "
+                   f"(the last answered {status}: {_error_message(data)})")
+        if response is not None:
+            await self._stream_error(attempt, response, message, "upstream_error", 502)
+            return response
+        raise ApiError(502, message, "upstream_error")
 
     async def _replacement(self, attempt: Attempt) -> Instance | None:
         """No worker is left to try: wait a little for one to (re)join, as a restarted worker does."""
@@ -948,10 +990,10 @@ class Frontend:
         try:
             if upstream.status >= 500 and not attempt.replied:
                 try:
-                    await upstream.read()
-                except UpstreamError:
-                    pass
-                raise UpstreamFailed(f"status {upstream.status}")
+                    data = await upstream.read()
+                except UpstreamError as exc:
+                    raise UpstreamFailed(str(exc)) from None
+                raise UpstreamFailed(f"status {upstream.status}", answer=(upstream.status, data))
             if not upstream.content_type.startswith("text/event-stream"):
                 try:
                     data = await upstream.read()

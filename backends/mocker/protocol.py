@@ -12,7 +12,7 @@ request; a token chunk is ``head + json(text) + tail``.
 
 from __future__ import annotations
 
-import math
+import sys
 from array import array
 from dataclasses import dataclass, field
 from typing import Any
@@ -120,12 +120,15 @@ def _bool(body: dict, key: str, default: bool = False) -> bool:
     return v
 
 
+_FLOAT_MAX = sys.float_info.max  # a JSON integer beyond it (10**400) is no float: refused, not an overflow
+
+
 def _number(body: dict, key: str, lo: float | None = None, hi: float | None = None) -> None:
     v = body.get(key)
     if v is None:
         return
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
-        raise bad(f"'{key}' must be a number, got {_type_name(v)}", key)
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not -_FLOAT_MAX <= v <= _FLOAT_MAX:
+        raise bad(f"'{key}' must be a finite number, got {_type_name(v)}", key)  # NaN fails the range too
     if (lo is not None and v < lo) or (hi is not None and v > hi):
         limits = f"between {lo} and {hi}" if lo is not None and hi is not None else (
             f"at least {lo}" if lo is not None else f"at most {hi}")
@@ -168,6 +171,8 @@ def _token_list(v: list, param: str) -> list[int]:
     try:
         # C-speed type check: long prompts are validated in microseconds.
         ids = array("q", v)
+        if bool in set(map(type, v)):  # array() takes true and false as 1 and 0
+            raise TypeError
     except (TypeError, OverflowError):
         raise bad(f"'{param}' must be a string or an array of token ids", param) from None
     if min(ids) < 0:

@@ -25,6 +25,7 @@ from typing import Any
 import msgspec
 import xxhash
 from aiohttp import web
+from aiohttp.web_protocol import RequestPayloadError
 
 from . import disagg, nixl_transfer
 from .config import READY_MARKER, MockerConfig
@@ -308,11 +309,19 @@ class MockerServer:
             raise ApiError(503, "the mocker is starting up" if not self.closing else "the mocker is shutting down")
         if not self.engine.alive:
             raise ApiError(503, "the engine loop died; see the mocker's log")
-        req = parse_request(await request.read(), chat=chat)
+        try:
+            raw = await request.read()
+        except RequestPayloadError:  # e.g. a Content-Encoding: gzip body that is not gzip
+            request.content.feed_eof()  # or aiohttp reads on after the answer, fails again and resets the connection
+            response = _error_response(ApiError(400, "the request body does not decode as its Content-Encoding says"))
+            response.force_close()
+            return response
+        req = parse_request(raw, chat=chat)
         if req.model is not None and req.model != self.model_name:
             raise ApiError(404, f"The model `{req.model}` does not exist.", param="model")
         rid_header = request.headers.get("X-Request-Id")
-        rid = rid_header or uuid.uuid4().hex
+        # it becomes the response's id: one with undecodable bytes (surrogates) or controls is replaced
+        rid = rid_header if rid_header and rid_header.isprintable() else uuid.uuid4().hex
         response_id = ("chatcmpl-" if chat else "cmpl-") + rid
         seq = self._make_sequence(req, f"{response_id}-{uuid.uuid4().hex[:8]}")
         self.engine.submit(seq)

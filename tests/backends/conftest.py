@@ -105,8 +105,9 @@ def start_mocker(tmp_path):
         m.stop()
 
 
-def _shared(tmp_path_factory, *flags: str):
-    m = MockerProcess([*flags, "--served-model-name", "mock"], tmp_path_factory.mktemp("mocker"))
+def shared_mocker(tmp_path_factory, model: str = "mock", *flags: str):
+    """A mocker for a module's tests (a generator for module-scoped fixtures): stopped at teardown."""
+    m = MockerProcess([*flags, "--served-model-name", model], tmp_path_factory.mktemp("mocker"))
     try:
         m.start()
         yield m
@@ -117,13 +118,13 @@ def _shared(tmp_path_factory, *flags: str):
 @pytest.fixture(scope="module")
 def fast_mocker(tmp_path_factory):
     """One shared mocker without simulated delays (for tests that only check the API)."""
-    yield from _shared(tmp_path_factory, "--speedup-ratio", "0")
+    yield from shared_mocker(tmp_path_factory, "mock", "--speedup-ratio", "0")
 
 
 @pytest.fixture(scope="module")
 def slow_mocker(tmp_path_factory):
     """One shared mocker with slow steps (speedup 0.5): a long request is surely in flight."""
-    yield from _shared(tmp_path_factory, "--speedup-ratio", "0.5")
+    yield from shared_mocker(tmp_path_factory, "mock", "--speedup-ratio", "0.5")
 
 
 @pytest.fixture(scope="session")

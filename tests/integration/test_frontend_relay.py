@@ -523,3 +523,31 @@ def test_an_http_1_0_client_asking_for_keep_alive_gets_the_end_of_its_stream():
             assert head.startswith(b"HTTP/1.0 200") and rest.endswith(b"data: [DONE]\n\n"), (head, rest)
 
     asyncio.run(main())
+
+
+def test_workers_answering_a_request_with_500_are_tried_twice_then_their_error_is_a_502():
+    # A request that makes every worker fail (an engine bug it triggers) must not go round every
+    # worker, nor wait for more to join: one retry elsewhere, then the worker's own message.
+    posts = []
+
+    async def internal_error(writer: asyncio.StreamWriter) -> None:
+        posts.append(1)
+        body = json.dumps({"error": {"message": "internal error in the engine", "type": "InternalServerError",
+                                     "param": None, "code": 500}}).encode()
+        writer.write(b"HTTP/1.1 500 Internal Server Error\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+        await writer.drain()
+
+    async def main() -> None:
+        async with raw_workers(internal_error, internal_error, internal_error) as urls, \
+                running_frontend(urls) as (frontend, server):
+            head, rest = await raw_post(server)
+            assert head.startswith(b"HTTP/1.1 502"), head
+            error = json.loads(rest)["error"]
+            assert error["type"] == "upstream_error" and error["code"] == 502
+            assert error["message"] == ("2 workers failed this request (the last answered 500: "
+                                        "internal error in the engine)"), error
+            assert len(posts) == 2
+            assert not frontend.suspect  # they answered: a request's failure does not take them out of rotation
+
+    asyncio.run(main())
