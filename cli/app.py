@@ -201,7 +201,11 @@ def stop(
     timeout: float = typer.Option(120.0, "--timeout", metavar="SECONDS", callback=_seconds,
                                   help="Seconds to wait for a graceful stop before killing everything (0: kill now)."),
 ) -> None:
-    """Stop a run as Ctrl-C would: reverse order, grace periods, then SIGKILL."""
+    """Stop a run as Ctrl-C would: reverse order, grace periods, then SIGKILL.
+
+    Exit 0 when it stopped (or, with --timeout 0, was killed as asked); 1 when a graceful stop
+    had to be forced after --timeout, or a process survived SIGKILL.
+    """
     from dynamo.cli import runs
 
     raise typer.Exit(runs.stop(run, timeout))
@@ -279,10 +283,19 @@ def profile_schema(
 @profile_app.command("list")
 def profile_list() -> None:
     """List the shipped profiles (usable by name: dynamo serve agg)."""
+    from rich.table import Table
+
     from dynamo.core.profile import SHIPPED_PROFILES_DIR
 
+    table = Table(box=None, show_header=False, pad_edge=False)  # descriptions wrap at the terminal's width
+    table.add_column(no_wrap=True)
+    table.add_column()
     for path in sorted(SHIPPED_PROFILES_DIR.glob("*.yaml")):
-        typer.echo(f"{path.stem:<20} {_first_sentence(path.read_text())}")
+        table.add_row(path.stem, _first_sentence(path.read_text()))
+    console = make_console()
+    with console.capture() as captured:
+        console.print(table)
+    typer.echo("\n".join(line.rstrip() for line in captured.get().splitlines()))  # no padding for grep and awk
 
 
 def _first_sentence(text: str) -> str:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import json
 import math
-import os
 import random
 import re
 import signal
@@ -18,6 +17,7 @@ from typer.core import TyperGroup
 
 from dynamo.cli.helptext import reflow
 from dynamo.core.errors import UsageError
+from dynamo.core.signals import StopSignals, say
 from dynamo.core.text import quantity
 
 METRICS_HELP = """\
@@ -107,10 +107,7 @@ class _Interrupted(Exception):
         self.signum = signum
 
 
-STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
-
-
-class _StopSignals:
+class _StopSignals(StopSignals):
     """SIGINT, SIGTERM and SIGHUP while ``dynamo bench`` runs (a context manager).
 
     The first one stops the benchmark: while the load runs it cancels the event loop's main task
@@ -123,28 +120,15 @@ class _StopSignals:
     """
 
     def __init__(self) -> None:
+        super().__init__()
         self.received: int | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._task: asyncio.Task | None = None
         self._holding: str | None = None
-        self._previous: dict = {}
 
-    def __enter__(self) -> "_StopSignals":
-        for sig in STOP_SIGNALS:
-            if sig == signal.SIGHUP and signal.getsignal(sig) == signal.SIG_IGN:
-                continue
-            self._previous[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for sig, previous in self._previous.items():
-            signal.signal(sig, previous)
-
-    def _handle(self, signum: int, frame) -> None:
-        if signum == signal.SIGHUP:
-            _drop_terminal_output()
+    def on_signal(self, signum: int) -> None:
         if self._holding:
-            os.write(2, f"{self._holding}: wait for it\n".encode())
+            say(f"{self._holding}: wait for it")
             return
         if self.received is not None:
             return
@@ -168,21 +152,6 @@ class _StopSignals:
 
     def hold(self, why: str) -> None:
         self._holding = why
-
-
-def _drop_terminal_output() -> None:
-    """The terminal hung up: writing to it would fail (EIO), so stdout and stderr go to /dev/null."""
-    try:
-        null = os.open(os.devnull, os.O_WRONLY)
-    except OSError:
-        return
-    for fd in (1, 2):
-        try:
-            if os.isatty(fd):
-                os.dup2(null, fd)
-        except OSError:
-            pass
-    os.close(null)
 
 
 def _split_list(values: Optional[List[str]], what: str, parse) -> list:

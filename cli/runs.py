@@ -24,12 +24,12 @@ from dynamo.core.rundir import (DEAD, RunDir, find_run, list_runs, parse_stamp, 
 from dynamo.core.text import quantity
 
 
-def resolve_run(run: str | None) -> RunDir:
+def resolve_run(run: str | None, prefer_active: bool = True) -> RunDir:
     if run and (Path(run) / "state.json").exists():
         return RunDir(Path(run))
     if run and os.sep in run and Path(run).is_dir():
         raise RunNotFound(f"{run} is not a run directory (it has no state.json)")
-    return find_run(run)
+    return find_run(run, prefer_active=prefer_active)
 
 
 def _uptime(seconds: float | None) -> str:
@@ -208,7 +208,7 @@ def logs(run: str | None, processes: list[str], follow: bool, tail: int | None, 
 
 
 def stop(run: str | None, timeout: float) -> int:
-    chosen = resolve_run(run)
+    chosen = resolve_run(run, prefer_active=False)  # stopping the wrong run is not undone: a prefix must be unique
     state = chosen.read_state()
     pid = state.get("supervisor_pid")
     if not pid_alive(pid, state.get("supervisor_started")):
@@ -216,22 +216,21 @@ def stop(run: str | None, timeout: float) -> int:
     started = time.time()
     os.kill(pid, signal.SIGTERM)
     typer.echo(f"stopping run {chosen.id} (supervisor pid {pid}) ...")
-    while time.time() - started < timeout:
-        if not pid_alive(pid, state.get("supervisor_started")):
-            break
+    while time.time() - started < timeout and pid_alive(pid, state.get("supervisor_started")):
         time.sleep(0.1)
-    else:
+    if pid_alive(pid, state.get("supervisor_started")):
         typer.secho(f"not stopped after {timeout:g}s: killing the supervisor and every process of the run"
                     if timeout else "killing the supervisor and every process of the run", fg="yellow", err=True)
-        return _kill(chosen, pid, state.get("supervisor_started"), timeout)
+        survived = _kill(chosen, pid, state.get("supervisor_started"), timeout)
+        return 1 if survived or timeout else 0  # a graceful stop that had to be forced is not a clean one
     final = chosen.read_state()
     typer.echo(f"run {chosen.id} {final.get('status', 'stopped')} in {time.time() - started:.2f}s")
     return 0
 
 
-def _kill(run: RunDir, pid: int, started: float | None, timeout: float) -> int:
+def _kill(run: RunDir, pid: int, started: float | None, timeout: float) -> bool:
     """SIGKILL the supervisor, then every process of the run (the sentinel would, a moment later);
-    record the run as stopped. 1 if anything survived."""
+    record the run as stopped. True if anything survived."""
     with contextlib.suppress(ProcessLookupError):
         os.kill(pid, signal.SIGKILL)
     killed = {pid}
@@ -248,9 +247,9 @@ def _kill(run: RunDir, pid: int, started: float | None, timeout: float) -> int:
     if survivors:
         typer.secho(f"run {run.id}: {quantity(len(survivors), 'process', 'processes')} survived SIGKILL: "
                     f"{', '.join(map(str, sorted(survivors)))}", fg="red", err=True)
-        return 1
+        return True
     typer.echo(f"run {run.id} killed; marked it stopped")
-    return 0
+    return False
 
 
 def _clean_up(run: RunDir, state: dict) -> int:

@@ -20,6 +20,7 @@ from dynamo.core.gpus import detect_inventory
 from dynamo.core.plan import Plan, build_plan, check_engine_argvs, check_executables, check_ports
 from dynamo.core.profile import load_profile
 from dynamo.core.rundir import RunDir, check_run_dir, dynamo_home, link_run, new_run_id, write_owner_only
+from dynamo.core.signals import StopSignals, say
 from dynamo.core.text import quantity
 
 
@@ -103,42 +104,39 @@ def _detach(run: RunDir, plan: Plan, lock: int) -> int:
     )
     console.close()
     os.close(lock)
-    try:
-        with _interrupts_as_keyboard_interrupt():
-            return _wait_ready(run, plan, child)
-    except KeyboardInterrupt:
-        return _abort_startup(run, child)
+    with _StartupSignals(run, child) as signals:
+        code = _wait_ready(run, plan, child, signals)
+        if signals.received is None:
+            return code
+        child.wait()  # the supervisor stops the run (a second signal: at once)
+    name = signal.Signals(signals.received).name
+    say(f"run {run.id} stopped: interrupted by {name} while starting; its logs: dynamo logs {_run_ref(run)}")
+    return 128 + signals.received
 
 
-@contextlib.contextmanager
-def _interrupts_as_keyboard_interrupt():
-    """SIGTERM and SIGHUP (a closed terminal) while waiting interrupt the wait as Ctrl-C does."""
-    def interrupt(signum, frame):
-        raise KeyboardInterrupt
+class _StartupSignals(StopSignals):
+    """SIGINT, SIGTERM and SIGHUP while ``serve --detach`` waits for the run to be ready.
 
-    previous = {sig: signal.signal(sig, interrupt) for sig in (signal.SIGTERM, signal.SIGHUP)}
-    try:
-        yield
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
+    The first one stops the run being started (SIGTERM to its supervisor, which stops what it
+    started, in order); a second makes the supervisor kill everything at once. SIGHUP (the
+    terminal closed) also drops what would still be printed to that terminal.
+    """
 
+    def __init__(self, run: RunDir, child: subprocess.Popen):
+        super().__init__()
+        self.run, self.child = run, child
+        self.received: int | None = None
 
-def _abort_startup(run: RunDir, child: subprocess.Popen) -> int:
-    """Interrupted before the run was ready: stop it, as the foreground serve would, and say so."""
-    typer.echo(f"interrupted: stopping run {run.id} (again to kill it at once)", err=True)
-    child.send_signal(signal.SIGTERM)
-    try:
-        child.wait()
-    except KeyboardInterrupt:
-        child.send_signal(signal.SIGTERM)  # a second signal makes the supervisor kill everything now
-        child.wait()
-    typer.echo(f"run {run.id} stopped before it was ready; its logs: dynamo logs {_run_ref(run)}", err=True)
-    return 130
+    def on_signal(self, signum: int) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            self.child.send_signal(signal.SIGTERM)
+        if self.received is None:
+            self.received = signum
+            say(f"{signal.Signals(signum).name}: stopping run {self.run.id} (again to kill it at once)")
 
 
-def _wait_ready(run: RunDir, plan: Plan, child: subprocess.Popen) -> int:
-    while True:
+def _wait_ready(run: RunDir, plan: Plan, child: subprocess.Popen, signals: _StartupSignals) -> int:
+    while signals.received is None:
         state = run.read_state()
         status = state.get("status")
         if status == "ready":
@@ -158,6 +156,7 @@ def _wait_ready(run: RunDir, plan: Plan, child: subprocess.Popen) -> int:
                 typer.echo(f"  {line}", err=True)
             return child.returncode or 1  # 2 when the run failed on bad input
         time.sleep(0.1)
+    return 128 + signals.received
 
 
 def _run_ref(run: RunDir) -> str:

@@ -44,7 +44,8 @@ SUSPECT_SECONDS = 2.0
 STALLED_SECONDS = 2.0  # a stream silent this long on a worker that left rotation moves to another one
 MOVE_STUCK_FOR = 30.0  # how long after a worker left rotation its stuck requests are still looked for
 REPLACEMENT_WAIT = 3.0  # how long a request finding no worker (or whose every worker failed) waits for one to (re)join
-ANSWERED_TRIES = 2  # workers that answer a request with a 5xx (not 503): one retry elsewhere, then their error
+ANSWERED_TRIES = 2  # workers that answer a request with a 500 (or 501...): one retry elsewhere, then their error
+_GONE = (502, 503, 504)  # a worker (or a proxy in front of it) that cannot serve now: not about this request
 _HOP_HEADERS = {"content-length", "transfer-encoding", "connection", "keep-alive", "content-encoding", "date", "server"}
 _json_encode = msgspec.json.Encoder().encode
 _json_decode = msgspec.json.Decoder().decode
@@ -723,8 +724,10 @@ class Frontend:
                     raise ApiError(503, self.closing, "service_unavailable", retry_after=1)
                 await self._stream_error(attempt, response, self.closing, "service_unavailable", 503)
                 return response
-            worker = None if len(attempt.answers) >= ANSWERED_TRIES else await self._choose(attempt, ("agg", "decode"))
-            if worker is None and attempt.answers:
+            refused = bool(attempt.answers) and not attempt.replied  # a stream moving on is another story
+            worker = None if refused and len(attempt.answers) >= ANSWERED_TRIES \
+                else await self._choose(attempt, ("agg", "decode"))
+            if worker is None and refused:
                 return await self._worker_refused(attempt, response)
             if worker is None:
                 worker = await self._replacement(attempt)  # e.g. a failed worker, restarted
@@ -749,7 +752,7 @@ class Frontend:
                     and self._can_continue(attempt)
                 result = await self._relay(request, attempt, worker, body, response, migratable)
             except UpstreamFailed as failed:
-                if failed.answer is None or failed.answer[0] == 503:  # gone, or says it cannot serve now
+                if failed.answer is None or failed.answer[0] in _GONE:  # gone, or cannot serve now
                     self.suspect[_incarnation(worker)] = time.monotonic() + SUSPECT_SECONDS
                 else:  # alive, and failed this request: maybe the request, not the worker
                     attempt.answers.append(failed.answer)
@@ -774,8 +777,8 @@ class Frontend:
             again = self.m_migrations
 
     async def _worker_refused(self, attempt: Attempt, response: web.StreamResponse | None) -> web.StreamResponse:
-        """Workers answered this request with a 5xx (not 503): no more tries, and no waiting for other
-        workers to join; the client gets the last worker's message as a 502."""
+        """Workers answered this request with a 500 (a 5xx other than 502-504): no more tries, and no
+        waiting for other workers to join; the client gets the last worker's message as a 502."""
         status, data = attempt.answers[-1]
         message = (f"{quantity(len(attempt.answers), 'worker')} failed this request "
                    f"(the last answered {status}: {_error_message(data)})")

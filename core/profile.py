@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 from ruamel.yaml import YAML
 from ruamel.yaml.comments import CommentedMap, CommentedSeq
 from ruamel.yaml.error import MarkedYAMLError
@@ -288,13 +288,16 @@ class Profile(Strict):
             raise ValueError("no worker can answer requests: prefill workers need a group with role decode")
         return value
 
-    @model_validator(mode="after")
-    def _nodes_cover_components(self) -> Profile:
-        if not self.nodes:
-            return self
-        known = {"nats", "router", "frontend", *self.workers}
+    @field_validator("nodes")
+    @classmethod
+    def _nodes_cover_components(cls, value: dict[str, NodeSpec], info: ValidationInfo) -> dict[str, NodeSpec]:
+        # a field validator (not a model one) so that its errors point at nodes:, not at the whole file
+        workers, nats = info.data.get("workers"), info.data.get("nats")
+        if not value or workers is None or nats is None:
+            return value  # no nodes, or workers/nats were invalid (reported on their own)
+        known = {"nats", "router", "frontend", *workers}
         placed: dict[str, str] = {}
-        for node_name, node in self.nodes.items():
+        for node_name, node in value.items():
             for component in node.run:
                 if component not in known:
                     hint = _nearest(component, known)
@@ -302,10 +305,10 @@ class Profile(Strict):
                 if component in placed:
                     raise ValueError(f"{component!r} is placed on both {placed[component]!r} and {node_name!r}")
                 placed[component] = node_name
-        missing = sorted(known - set(placed) - ({"nats"} if not self.nats.embedded else set()) - {"router"})
+        missing = sorted(known - set(placed) - ({"nats"} if not nats.embedded else set()) - {"router"})
         if missing:
             raise ValueError(f"nodes do not place: {', '.join(missing)}")
-        return self
+        return value
 
     def restart_for(self, override: RestartPolicy | None) -> RestartPolicy:
         return override or self.restart
@@ -647,6 +650,10 @@ def _describe(exc: ValidationError, data: dict, sources: SourceMap) -> list[str]
             message = error["msg"].removeprefix("Value error, ")
             if "input" in error and not isinstance(error["input"], (dict, list)) and kind not in ("value_error",):
                 message += f" (got {error['input']!r})"
+        if kind == "value_error":  # a rule across keys (workers, nodes): blame the one --set under it, if one
+            under = [o for o in sources.overrides if len(o) > len(path) and o[:len(path)] == path]
+            if len(under) == 1:
+                where = f"--set {'.'.join(map(str, under[0]))}"
         key = (path, message)
         if key in seen:
             continue

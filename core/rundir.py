@@ -299,8 +299,10 @@ def list_runs(home: Path | None = None) -> list[RunDir]:
     return sorted(runs, key=lambda r: r.read_state().get("started_at", 0), reverse=True)
 
 
-def find_run(run_id: str | None, home: Path | None = None, active_only: bool = False) -> RunDir:
-    """The run named ``run_id`` (a unique prefix is enough), or the newest active run."""
+def find_run(run_id: str | None, home: Path | None = None, active_only: bool = False,
+             prefer_active: bool = True) -> RunDir:
+    """The run named ``run_id`` (a unique prefix is enough; with ``prefer_active``, also a prefix
+    that only one active run has), or the newest active run."""
     runs = list_runs(home)
     where = (home or dynamo_home()) / "runs"
     if run_id:
@@ -309,7 +311,7 @@ def find_run(run_id: str | None, home: Path | None = None, active_only: bool = F
             raise RunNotFound(f"no run {run_id!r} under {where}; for a run kept elsewhere (serve --run-dir), "
                               "give its directory")
         live = [r for r in matches if r.is_active()]
-        if len(matches) > 1 and len(live) != 1:
+        if len(matches) > 1 and (len(live) != 1 or not prefer_active):
             raise RunNotFound(f"{run_id!r} matches {len(matches)} runs"
                               + (f", {len(live)} of them active: {', '.join(r.id for r in live)}" if live
                                  else f": {', '.join(r.id for r in matches)}")

@@ -32,6 +32,7 @@ from dynamo.core.printer import Printer
 from dynamo.core.probes import Prober
 from dynamo.core.restart import backoff_delay, wants_restart
 from dynamo.core.rundir import RotatingLog, RunDir, write_owner_only
+from dynamo.core.signals import silence, stop_signals, terminal_fds
 from dynamo.core.text import quantity
 
 _NATS_INFO = " [INF] "  # nats-server's informational lines; warnings and errors still reach the console
@@ -75,8 +76,6 @@ class Component:
         }
 
 
-# SIGHUP: the terminal that ran `dynamo serve` closed; stop as for Ctrl-C rather than die at once.
-STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 EXTERNAL_NATS_WAIT = 300.0  # NATS started elsewhere (another node, a service) may come up after us
 NATS_WAIT_REPORT = 10.0  # seconds between "still waiting" lines meanwhile
 
@@ -98,13 +97,16 @@ class Supervisor:
         self._sentinel: subprocess.Popen | None = None
         self._sentinel_pipe: int | None = None
         self.started = time.time()
+        self._terminal: list[int] = []  # stdout/stderr fds that are a terminal (dropped if it hangs up)
 
     # ------------------------------------------------------------------ public
 
     async def run_until_stopped(self) -> int:
         """Start everything, serve until stopped; return the exit code (0 clean, 1 failure)."""
         loop = asyncio.get_running_loop()
-        for sig in STOP_SIGNALS:
+        handled = stop_signals()  # SIGHUP (the terminal closed) stops the run too, unless nohup ignores it
+        self._terminal = terminal_fds()
+        for sig in handled:
             loop.add_signal_handler(sig, self.request_stop, sig)
         self._start_sentinel()
         self._write_state()
@@ -121,11 +123,13 @@ class Supervisor:
         finally:
             scanner.cancel()
             await self._shutdown()
-            for sig in STOP_SIGNALS:
+            for sig in handled:
                 loop.remove_signal_handler(sig)
         return self.failure_code if self.failure else 0
 
     def request_stop(self, sig: int | None = None) -> None:
+        if sig == signal.SIGHUP:
+            silence(self._terminal)  # it hung up: what the run prints from now on is only in its logs
         if not self.stop_requested:
             name = signal.Signals(sig).name if sig else "request"
             self.printer.system(f"{name} received: stopping (again to skip the grace period)")

@@ -384,7 +384,7 @@ async def run_benchmark(
             interrupted = True
     if interrupted:
         task = asyncio.current_task()
-        if task is not None:
+        if task is not None and hasattr(task, "uncancel"):  # Python 3.11+; 3.10 keeps no cancel count
             task.uncancel()  # handled: the caller gets what was measured, not a cancellation
         raise BenchInterrupted(BenchResult({}, info, results))  # type: ignore[arg-type]
     return BenchResult({}, info, results)  # type: ignore[arg-type]

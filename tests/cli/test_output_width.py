@@ -85,3 +85,9 @@ def test_backend_help_lists_every_backend():
 
     assert BACKEND_NAMES.split(", ") == list(BACKENDS)
     assert BACKEND_NAMES in dynamo("serve", "--help", env={"COLUMNS": "200"}).stdout
+
+
+def test_profile_list_wraps_descriptions_in_an_80_column_terminal(plain_env):
+    shown = dynamo("profile", "list", env={**plain_env, "COLUMNS": "80"}).stdout
+    assert max(len(line) for line in shown.splitlines()) <= 80, shown
+    assert "where most of its prompt is" in " ".join(shown.split())  # wrapped, not cut

@@ -245,3 +245,21 @@ def test_logs_follow_ends_saying_how_the_run_ended(tmp_path, serve):
     assert follow.returncode == 0
     assert "fake engine listening" in out
     assert f"run {run.id} is dead (supervisor gone); no more logs to follow" in err, err
+
+
+def test_stop_takes_no_guess_when_a_prefix_matches_several_runs(tmp_path):
+    supervisor = subprocess.Popen(["sleep", "60"], start_new_session=True)  # stands in for a live run's
+    try:
+        started = psutil.Process(supervisor.pid).create_time()
+        for run_id, pid in (("agg-20261202-100000-aaaa", None),  # its supervisor died
+                            ("agg-20261202-110000-bbbb", supervisor.pid)):
+            (tmp_path / "runs" / run_id).mkdir(parents=True)
+            (tmp_path / "runs" / run_id / "state.json").write_text(json.dumps({
+                "run_id": run_id, "profile": "agg", "status": "ready", "supervisor_pid": pid,
+                "supervisor_started": started if pid else None, "started_at": time.time(), "processes": {}}))
+        stop = dynamo("stop", "agg", env={"DYNAMO_HOME": str(tmp_path)})
+        assert stop.returncode == 2 and "'agg' matches 2 runs" in stop.stderr, stop.stderr
+        assert supervisor.poll() is None, "stop guessed the live run"
+    finally:
+        supervisor.kill()
+        supervisor.wait()

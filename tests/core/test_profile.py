@@ -232,6 +232,19 @@ def test_a_profile_that_serves_nothing_is_blamed_on_its_workers_not_on_a_flag():
     assert problems(MINIMAL, overrides=["workers.w.replicas=0"], backend="mocker").endswith("w has replicas: 0")
 
 
+def test_a_rule_across_keys_broken_by_one_set_blames_that_set():
+    assert problems(MINIMAL, overrides=["workers.w.replicas=0"]) == \
+        "--set workers.w.replicas: workers: no worker can answer requests: w has replicas: 0"
+
+
+def test_node_placement_errors_point_at_nodes():
+    text = ("name: p\nmodel: {name: m}\nworkers:\n  w: {}\n  v: {}\n"
+            "nodes:\n  a: {address: 10.0.0.1, run: [nats, frontend, w]}\n")
+    assert problems(text) == "p.yaml:7:3: nodes: nodes do not place: v"
+    assert "node 'a' runs unknown component 'frontnd'; did you mean 'frontend'?" in problems(
+        text.replace("frontend, w", "frontnd, w, v"))
+
+
 def test_set_errors_blame_the_flag_once():
     assert problems(MINIMAL, overrides=["frontend.port=abc"]).startswith(
         "--set frontend.port: Input should be a valid integer")

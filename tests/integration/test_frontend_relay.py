@@ -551,3 +551,33 @@ def test_workers_answering_a_request_with_500_are_tried_twice_then_their_error_i
             assert not frontend.suspect  # they answered: a request's failure does not take them out of rotation
 
     asyncio.run(main())
+
+
+def test_a_stream_broken_midway_after_an_earlier_500_is_a_migration_not_a_refusal():
+    # A answers 500; B streams, then dies: that is B failing mid-stream, not workers refusing the request
+    calls = []
+
+    async def first_500_then_stream_and_die(writer: asyncio.StreamWriter) -> None:
+        calls.append(1)
+        if len(calls) == 1:
+            body = b'{"error": {"message": "internal error", "type": "InternalServerError", "code": 500}}'
+            writer.write(b"HTTP/1.1 500 Internal Server Error\r\nContent-Type: application/json\r\n"
+                         b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+            await writer.drain()
+            return
+        events = event(" a") + event(" b")
+        writer.write(SSE_HEAD + b"%x\r\n%s\r\n" % (len(events), events))
+        await writer.drain()
+        await asyncio.sleep(0.2)
+        writer.transport.abort()
+
+    async def main() -> None:
+        async with raw_workers(first_500_then_stream_and_die, first_500_then_stream_and_die) as urls, \
+                running_frontend(urls) as (frontend, server):
+            head, rest = await raw_post(server)  # the migration waits 3 s for a worker to join
+            assert head.startswith(b"HTTP/1.1 200")
+            assert b'" a"' in rest and b'" b"' in rest
+            error = first_error(rest.split(b'" b"', 1)[1])
+            assert "no worker left to continue the stream" in error["message"], error
+
+    asyncio.run(main())

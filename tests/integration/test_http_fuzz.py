@@ -672,13 +672,10 @@ def mutated(rng: random.Random) -> tuple[str, bytes]:
 
 def test_randomly_mutated_bodies_never_get_a_5xx_or_an_unended_stream(targets):
     rng = random.Random(20260)
-    budget = time.monotonic() + 20
     problems: list = []
     statuses: set[int] = set()
     sent = 0
-    for sent in range(1, 301):
-        if time.monotonic() > budget:
-            break
+    for sent in range(1, 301):  # bounded by count; each reply by REPLY_DEADLINE
         target = targets[rng.choice(TARGETS)]
         path, raw = mutated(rng)
         raw = raw.replace(b'"$MODEL"', json.dumps(target.model).encode())
@@ -693,4 +690,4 @@ def test_randomly_mutated_bodies_never_get_a_5xx_or_an_unended_stream(targets):
     for target in targets.values():
         still_serving(target)
     assert not problems, f"{len(problems)} of {sent} requests broke the rule:\n" + "\n".join(map(repr, problems))
-    assert sent >= 200 and 200 in statuses and 400 in statuses, (sent, statuses)  # it did test both sides
+    assert 200 in statuses and 400 in statuses, statuses  # it did test both sides

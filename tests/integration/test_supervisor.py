@@ -13,7 +13,7 @@ import time
 import httpx
 import pytest
 
-from tests.conftest import dynamo, fake_profile, marked
+from tests.conftest import Run, dynamo, fake_profile, kill_run, marked
 
 pytestmark = pytest.mark.slow
 
@@ -124,6 +124,23 @@ def test_a_closed_terminal_sighup_stops_the_run_as_ctrl_c_does(tmp_path, serve):
     assert run.state()["status"] == "stopped"
     assert any(e["event"] == "stop-requested" and e.get("signal") == "SIGHUP" for e in run.events())
     assert marked(run.marker) == []
+
+
+def test_a_sighup_ignored_at_start_nohup_leaves_the_run_serving(tmp_path):
+    profile, run_dir, output = fake_profile(tmp_path, replicas=1), tmp_path / "run", tmp_path / "serve.out"
+    with open(output, "wb") as out:
+        proc = subprocess.Popen(["nohup", sys.executable, "-m", "dynamo.cli.app", "serve", str(profile),
+                                 "--run-dir", str(run_dir), "--no-color"], stdout=out, stderr=subprocess.STDOUT,
+                                start_new_session=True, env={**os.environ, "DYNAMO_HOME": str(tmp_path / "home")})
+    run = Run(proc, run_dir, output)
+    try:
+        run.wait_ready()
+        proc.send_signal(signal.SIGHUP)
+        time.sleep(1.0)  # long enough for a stop to have begun
+        assert proc.poll() is None and run.state()["status"] == "ready", run.text()
+        assert not any(e["event"] == "stop-requested" for e in run.events())
+    finally:
+        kill_run(run)
 
 
 def test_serve_says_which_engine_args_it_dropped_and_names_a_likely_typo(tmp_path, serve):
@@ -272,8 +289,8 @@ def test_interrupting_a_detached_start_stops_the_run_instead_of_leaving_it_start
         time.sleep(0.5)  # the supervisor is starting its processes
         cli.send_signal(sig)
         out, err = cli.communicate(timeout=60)
-        assert cli.returncode == 130, out + err
-        assert "stopped before it was ready" in err
+        assert cli.returncode == 128 + sig, out + err
+        assert f"stopped: interrupted by {signal.Signals(sig).name} while starting" in err
         assert json.loads((run_dir / "state.json").read_text())["status"] == "stopped"
         assert marked(str(run_dir.resolve())) == []
     finally:
