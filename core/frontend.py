@@ -28,8 +28,8 @@ from dataclasses import dataclass, field
 
 import msgspec
 from aiohttp import web
-from aiohttp.web_protocol import RequestPayloadError
 from aiohttp.http import HttpVersion11
+from aiohttp.web_protocol import RequestPayloadError
 
 from dynamo.core.disagg import PROTOCOLS, EarlyFinish, strip_foreign
 from dynamo.core.discovery import DEFAULT_TTL, DiscoveryWatcher, Instance, connect
