@@ -634,11 +634,15 @@ class Frontend:
             if self.draining:
                 raise ApiError(503, _SHUTTING_DOWN, "service_unavailable", retry_after=1)
             self._check_key(request)
+            too_large = ApiError(413, f"request body is larger than {self.args.max_body_mb:g} MiB "
+                                      f"(frontend.max_body_mb)")
+            if (request.content_length or 0) > request.client_max_size:  # said up front: no need to wait for it
+                too_large.close = True  # the body that may follow is not read
+                raise too_large
             try:
                 raw = await request.read()
             except web.HTTPRequestEntityTooLarge:
-                raise ApiError(413, f"request body is larger than {self.args.max_body_mb:g} MiB "
-                                    f"(frontend.max_body_mb)") from None
+                raise too_large from None
             except RequestPayloadError:  # e.g. a Content-Encoding: gzip body that is not gzip
                 request.content.feed_eof()  # or aiohttp reads on after the answer, fails again, resets the connection
                 error = ApiError(400, "request body could not be read: it does not decode as its "

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import socket
 import textwrap
 import threading
 import time
@@ -141,6 +142,19 @@ def test_every_prompt_form_openai_accepts_reaches_the_worker(shared_run):
     reply = httpx.post(shared_run["endpoint"] + "/v1/completions", timeout=10,
                        json={"prompt": "hi", "stream": None, "max_tokens": 3.0})
     assert reply.status_code == 200 and reply.json()["usage"]["completion_tokens"] == 3
+
+
+def test_a_content_length_over_the_limit_gets_413_without_the_body_being_sent(shared_run):
+    # a client that announces 1 GB and then waits (for 100-continue, or out of caution) is answered now
+    host, port = shared_run["endpoint"].removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=10) as sock:
+        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: 1000000000\r\n\r\n{\"prompt\": ")
+        head = b""
+        while b"MiB" not in head and (chunk := sock.recv(65536)):  # the answer, without waiting for a close
+            head += chunk
+    assert head.startswith(b"HTTP/1.1 413"), head
+    assert b"larger than 32 MiB" in head and b"Connection: close" in head, head
 
 
 def test_a_body_over_the_limit_gets_413_and_the_frontend_keeps_serving(shared_run):
