@@ -9,7 +9,6 @@ from typing import List, Optional
 import typer
 
 from dynamo.cli.helptext import BACKEND_METAVAR, BACKEND_NAMES
-
 from dynamo.core.errors import UsageError
 
 SYMBOLS = {"ok": ("✓", "green"), "warn": ("⚠", "yellow"), "error": ("✗", "red"), "info": ("·", "dim")}

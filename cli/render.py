@@ -66,7 +66,6 @@ def slurm(
     @user_errors
     def run() -> None:
         loaded = load_profile(profile, overrides or [], backend=backend)
-        write_output(render_slurm(loaded, str(loaded.path), overrides or [], partition, time_limit, account, backend),
-                     output)
+        write_output(render_slurm(loaded, str(loaded.path), overrides or [], partition, time_limit, account), output)
 
     run()
