@@ -11,13 +11,15 @@ Two setups, one after the other, each with its own `dynamo serve` of mocker work
 
 For each concurrency the same streaming load goes directly to the workers (client-side
 round-robin), through the frontend and, with ``--sglang-python``, through sglang-router
-(round_robin) in front of the same workers, in interleaved rounds so all targets see the
+(round_robin) in front of the same workers, and with ``--relay`` through a bare TCP relay
+(scripts/tcp_relay.py: bytes copied both ways, nothing parsed; the floor for any proxy hop
+on this machine), in interleaved rounds so all targets see the
 same machine noise; the tables show medians and ratios computed round by round. Each target
 gets a warm-up (connections opened) before it is measured, and the gateway's own CPU time
 per streamed token is reported from its process counters.
 
     python scripts/bench_gateway.py [--workers 2] [--concurrency 1 16 64 256] [--requests 400] [--tokens 64]
-        [--repeat 3] [--timed-speedup 1] [--sglang-python /path/to/sglang-venv/bin/python]
+        [--repeat 3] [--timed-speedup 1] [--sglang-python /path/to/sglang-venv/bin/python] [--relay]
 """
 
 from __future__ import annotations
@@ -129,6 +131,18 @@ def start_run(workers: int, speedup: float, home: Path) -> tuple[subprocess.Pope
     return proc, wait_until_ready(run_dir, proc)
 
 
+def start_relay(workers: list[str]) -> tuple[subprocess.Popen, str]:
+    """scripts/tcp_relay.py in front of ``workers``; returns the process and its URL once it listens."""
+    upstreams = [url.removeprefix("http://") for url in workers]
+    proc = subprocess.Popen([sys.executable, str(Path(__file__).with_name("tcp_relay.py")), "--upstream", *upstreams],
+                            stdout=subprocess.PIPE, text=True, start_new_session=True)
+    line = proc.stdout.readline()
+    if not line.startswith("listening "):
+        proc.kill()
+        raise RuntimeError(f"tcp_relay.py did not start: {line!r}")
+    return proc, f"http://127.0.0.1:{int(line.split()[1])}"
+
+
 def run_setup(args: argparse.Namespace, speedup: float, requests_for, home: Path) -> dict[int, dict]:
     """All concurrencies against one `dynamo serve`; returns the medians per concurrency."""
     proc, state = start_run(args.workers, speedup, home)
@@ -138,6 +152,9 @@ def run_setup(args: argparse.Namespace, speedup: float, requests_for, home: Path
     sglang = start_sglang_router(args.sglang_python, workers, "round_robin", home) if args.sglang_python else None
     if sglang:
         targets.append(Target("sglang", [sglang[1]], psutil.Process(sglang[0].pid)))
+    relay = start_relay(workers) if args.relay else None
+    if relay:
+        targets.append(Target("relay", [relay[1]], psutil.Process(relay[0].pid)))
     label = "CPU-bound, speedup 0" if speedup == 0 else f"timed, speedup {speedup:g}"
     results: dict[int, dict] = {}
     try:
@@ -147,6 +164,8 @@ def run_setup(args: argparse.Namespace, speedup: float, requests_for, home: Path
                 f"{'TTFT fe':>9}{'added ms':>10}{'fe µs/tok':>11}")
         if sglang:
             head += f"{'sglang tok/s':>14}{'ours/sglang':>12}{'sgl added':>11}{'sgl µs/tok':>12}"
+        if relay:
+            head += f"{'relay ratio':>12}{'relay added':>12}{'relay µs/tok':>13}"
         print(head, flush=True)
         for conc in args.concurrency:
             requests = requests_for(conc)
@@ -161,6 +180,9 @@ def run_setup(args: argparse.Namespace, speedup: float, requests_for, home: Path
     finally:
         if sglang:
             stop_sglang_router(sglang[0])
+        if relay:
+            relay[0].terminate()
+            relay[0].wait(10)
         proc.send_signal(signal.SIGINT)
         proc.wait(60)
     return results
@@ -191,7 +213,10 @@ def render(conc: int, row: dict, with_sglang: bool) -> str:
         s = row["sglang"]
         line += (f"{s['tokens_per_s']:>14,.0f}{row['ours_vs_sglang']:>12.2f}{s['added_ms']:>11.2f}"
                  f"{s['cpu_us_per_token']:>12.1f}")
-    errors = {name: row[name]["errors"] for name in ("direct", "frontend", "sglang") if name in row}
+    if "relay" in row:
+        r = row["relay"]
+        line += f"{r['ratio']:>12.2f}{r['added_ms']:>12.2f}{r['cpu_us_per_token']:>13.1f}"
+    errors = {name: row[name]["errors"] for name in ("direct", "frontend", "sglang", "relay") if name in row}
     if any(errors.values()):
         line += "  errors " + " ".join(f"{k}={v}" for k, v in errors.items())
     return line
@@ -218,7 +243,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 16, 64, 256])
-    parser.add_argument("--requests", type=int, default=400, help="Requests per measurement in the CPU-bound setup.")
+    parser.add_argument("--requests", type=int, default=400,
+                        help="Requests per measurement in the CPU-bound setup: this many, or 8 per concurrent stream "
+                             "if more (at concurrency 256, 400 requests would be mostly ramp-up: 1.6 per stream).")
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--repeat", type=int, default=3,
                         help="Interleaved rounds per concurrency; the tables show medians (ratios per round).")
@@ -230,6 +257,9 @@ def main() -> None:
     parser.add_argument("--sglang-python", default=None,
                         help="Also measure sglang-router (round_robin) in front of the same workers: the Python of "
                              "a venv with `pip install sglang-router`.")
+    parser.add_argument("--relay", action="store_true",
+                        help="Also measure a bare TCP relay (scripts/tcp_relay.py) in front of the same workers: "
+                             "the cost of the extra hop alone, the floor under any gateway's ratio here.")
     args = parser.parse_args()
     try:
         import uvloop
@@ -239,7 +269,7 @@ def main() -> None:
         pass
     home = Path(tempfile.mkdtemp(prefix="dynamo-gw-"))
     try:
-        cpu = run_setup(args, 0, lambda conc: args.requests, home)
+        cpu = run_setup(args, 0, lambda conc: max(args.requests, 8 * conc), home)
         if args.timed_speedup > 0:
             timed = run_setup(args, args.timed_speedup, lambda conc: max(args.timed_requests, 4 * conc), home)
             print_side_by_side(cpu, timed, args.timed_speedup, bool(args.sglang_python))

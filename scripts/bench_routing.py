@@ -7,9 +7,11 @@ cache hit. The same shuffled workload (G groups × P prompts sharing an L-token 
 runs through the frontend once per router mode, side by side, and optionally through
 sglang-router's cache_aware policy in front of the same workers
 (`--sglang-python /path/to/venv/bin/python`, a venv with `pip install sglang-router`).
+`--modes ... pinned` adds a reference with no gateway at all: the client sends each group's
+prompts straight to the one worker the group is pinned to.
 
     python scripts/bench_routing.py [--groups 64] [--per-group 16] [--prefix 2000] [--concurrency 16 | --rate 40]
-        [--overlap-weight 4 16] [--placement process frontend] [--repeat 2]
+        [--modes kv round_robin random pinned] [--overlap-weight 4 16] [--placement process frontend] [--repeat 2]
         [--sglang-python /path/to/venv/bin/python [--sglang-policies cache_aware round_robin]]
 """
 
@@ -49,9 +51,11 @@ def group_sizes(groups: int, per_group: int, skew: float) -> list[int]:
     return sizes
 
 
-def workload(groups: int, per_group: int, prefix_tokens: int, skew: float = 0.0, seed: int = 0) -> list[str]:
-    """Text prompts (sglang-router takes only text): a shared prefix plus a 32-token question, made by
-    decoding random ids with the mocker's built-in tokenizer so lengths are close to exact."""
+def workload(groups: int, per_group: int, prefix_tokens: int, skew: float = 0.0,
+             seed: int = 0) -> list[tuple[int, str]]:
+    """(group, prompt) pairs, shuffled. Text prompts (sglang-router takes only text): a shared prefix plus
+    a 32-token question, made by decoding random ids with the mocker's built-in tokenizer so lengths are
+    close to exact."""
     from dynamo.core.tokenizer import load_tokenizer
 
     tokenizer = load_tokenizer(None)
@@ -59,24 +63,24 @@ def workload(groups: int, per_group: int, prefix_tokens: int, skew: float = 0.0,
              and w[1:].isalpha() and tokenizer.encode(w, add_special_tokens=False) == [i]]
     rng = random.Random(seed)
     prompts = []
-    for size in group_sizes(groups, per_group, skew):
+    for group, size in enumerate(group_sizes(groups, per_group, skew)):
         prefix = "".join(rng.choice(words) for _ in range(prefix_tokens))
         for _ in range(size):
-            prompts.append(prefix + "".join(rng.choice(words) for _ in range(32)))
+            prompts.append((group, prefix + "".join(rng.choice(words) for _ in range(32))))
     rng.shuffle(prompts)
     return prompts
 
 
-async def drive(url: str, prompts: list[str], concurrency: int, tokens: int, rate: float = 0.0) -> dict:
-    """Stream every prompt once. Closed loop with ``concurrency`` clients, or, with ``rate`` > 0,
+async def drive(requests: list[tuple[str, str]], concurrency: int, tokens: int, rate: float = 0.0) -> dict:
+    """Stream every (base URL, prompt) once. Closed loop with ``concurrency`` clients, or, with ``rate`` > 0,
     open loop: Poisson arrivals at ``rate`` requests/s (seeded), so a slower router builds a queue
     instead of slowing the clients down, as production traffic does."""
-    queue = list(prompts)
+    queue = list(requests)
     ttfts: list[float] = []
     itls: list[float] = []  # per request: mean gap between its streamed tokens
     errors = 0
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
-        async def request(prompt: str) -> None:
+        async def request(url: str, prompt: str) -> None:
             nonlocal errors
             t0 = time.perf_counter()
             try:
@@ -100,16 +104,16 @@ async def drive(url: str, prompts: list[str], concurrency: int, tokens: int, rat
 
         async def client() -> None:
             while queue:
-                await request(queue.pop())
+                await request(*queue.pop())
 
         async def arrivals() -> None:
             rng = random.Random(1)
             tasks = []
             due = time.perf_counter()
-            for prompt in reversed(queue):
+            for url, prompt in reversed(queue):
                 due += rng.expovariate(rate)
                 await asyncio.sleep(max(0.0, due - time.perf_counter()))
-                tasks.append(asyncio.ensure_future(request(prompt)))
+                tasks.append(asyncio.ensure_future(request(url, prompt)))
             await asyncio.gather(*tasks)
 
         start = time.perf_counter()
@@ -167,25 +171,46 @@ def stop(proc: subprocess.Popen) -> None:
     proc.wait(60)
 
 
-def run_dynamo(mode: str, weight: float, placement: str, args: argparse.Namespace, prompts: list[str],
+def worker_urls(state: dict) -> list[str]:
+    return [p["url"] for _, p in sorted(state["processes"].items()) if p["kind"] == "worker"]
+
+
+def pin_groups(sizes: list[int], workers: int) -> list[int]:
+    """Worker of each group: the biggest groups first, each to the worker with the fewest prompts so far
+    (with equal groups: group g on worker g mod W)."""
+    loads = [0] * workers
+    owner = [0] * len(sizes)
+    for group in sorted(range(len(sizes)), key=lambda g: -sizes[g]):
+        owner[group] = min(range(workers), key=loads.__getitem__)
+        loads[owner[group]] += sizes[group]
+    return owner
+
+
+def run_dynamo(mode: str, weight: float, placement: str, args: argparse.Namespace, prompts: list[tuple[int, str]],
                home: Path) -> dict:
-    proc, state = serve(mode, args, home, weight, placement)
+    proc, state = serve("round_robin" if mode == "pinned" else mode, args, home, weight, placement)
     try:
-        result = asyncio.run(drive(state["endpoint"], prompts, args.concurrency, args.tokens, args.rate))
+        if mode == "pinned":  # no gateway: the client sends each group's prompts straight to its own worker
+            urls = worker_urls(state)
+            owner = pin_groups(group_sizes(args.groups, args.per_group, args.skew), len(urls))
+            requests = [(urls[owner[group]], prompt) for group, prompt in prompts]
+        else:
+            requests = [(state["endpoint"], prompt) for _, prompt in prompts]
+        result = asyncio.run(drive(requests, args.concurrency, args.tokens, args.rate))
         result["hit_rate"], result["served"] = worker_stats(state)
         return result
     finally:
         stop(proc)
 
 
-def run_sglang(policy: str, args: argparse.Namespace, prompts: list[str], home: Path) -> dict:
+def run_sglang(policy: str, args: argparse.Namespace, prompts: list[tuple[int, str]], home: Path) -> dict:
     """sglang-router with ``policy`` in front of the same mocker workers (served by dynamo, its frontend unused)."""
     proc, state = serve("round_robin", args, home, args.overlap_weight[0])
     try:
-        workers = [p["url"] for p in state["processes"].values() if p["kind"] == "worker"]
-        router, url = start_sglang_router(args.sglang_python, workers, policy, home)
+        router, url = start_sglang_router(args.sglang_python, worker_urls(state), policy, home)
         try:
-            result = asyncio.run(drive(url, prompts, args.concurrency, args.tokens, args.rate))
+            result = asyncio.run(drive([(url, prompt) for _, prompt in prompts], args.concurrency, args.tokens,
+                                       args.rate))
             result["hit_rate"], result["served"] = worker_stats(state)
             return result
         finally:
@@ -215,7 +240,13 @@ def main() -> None:
     parser.add_argument("--step-tokens", type=int, default=None,
                         help="router.step_tokens for kv (default: the profile's, 8192; 0 charges a worker's whole "
                              "prefill queue, as NVIDIA Dynamo does).")
-    parser.add_argument("--modes", nargs="+", default=["kv", "round_robin", "random"])
+    parser.add_argument("--modes", nargs="+", default=["kv", "round_robin", "random"],
+                        choices=["kv", "round_robin", "random", "least_loaded", "pinned"],
+                        help="router.mode values to compare; 'pinned' is a reference without any gateway: the "
+                             "client sends every prompt of a group straight to the one worker that group is pinned "
+                             "to (groups spread evenly), so every repeat of a prefix is a hit on an evenly loaded "
+                             "worker, with no proxy hop and no routing time. With equal groups no router can do "
+                             "much better on TTFT p50.")
     parser.add_argument("--placement", nargs="+", default=["process"], choices=["process", "frontend"],
                         help="router.placement for kv: its own process (asked over NATS) or inside the frontend.")
     parser.add_argument("--sglang-python", default=None, help="Python of a venv with sglang-router installed.")
