@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Callable, List, Optional
 
 import typer
 
-from dynamo.cli.helptext import BACKEND_METAVAR, BACKEND_NAMES, reflow_help
+from dynamo.cli.helptext import BACKEND_METAVAR, BACKEND_NAMES, readable_metavars, reflow_help
 from dynamo.core.errors import UsageError
 from dynamo.core.text import quantity
 
@@ -128,7 +128,7 @@ def serve(
     replica: Optional[int] = typer.Option(None, "--replica", min=0, help="With --node: start only this replica of the "
                                           "node's worker groups (one Kubernetes pod each; see dynamo render k8s)."),
     detach: bool = typer.Option(False, "--detach", "-d", help="Return once everything is ready; print the endpoint."),
-    run_dir: Optional[Path] = typer.Option(None, "--run-dir", help="Directory for this run's state and logs "
+    run_dir: Optional[Path] = typer.Option(None, "--run-dir", metavar="DIR", help="Directory for this run's state and logs "
                                            "(default $DYNAMO_HOME/runs/<run-id>, DYNAMO_HOME defaults to ./.dynamo)."),
     no_color: bool = typer.Option(False, "--no-color", help="Plain console output."),
 ) -> None:
@@ -169,12 +169,12 @@ def ps(
 @user_errors
 def logs(
     run: Optional[str] = RunArg,
-    processes: Optional[List[str]] = typer.Argument(None, help="Only these processes (e.g. frontend decode-0).",
+    processes: Optional[List[str]] = typer.Argument(None, metavar="PROCESS", help="Only these processes (e.g. frontend decode-0).",
                                                      show_default=False),
     follow: bool = typer.Option(False, "--follow", "-f", help="Keep printing new lines until the run stops."),
     tail: Optional[int] = typer.Option(None, "--tail", "-n", min=0, help="Only the last N lines of each process."),
-    since: Optional[str] = typer.Option(None, "--since", help="Only lines newer than this: 10m, 90s, 2h or an ISO time."),
-    grep: Optional[str] = typer.Option(None, "--grep", "-g", help="Only lines matching this regular expression."),
+    since: Optional[str] = typer.Option(None, "--since", metavar="WHEN", help="Only lines newer than this: 10m, 90s, 2h or an ISO time."),
+    grep: Optional[str] = typer.Option(None, "--grep", "-g", metavar="REGEX", help="Only lines matching this regular expression."),
     timestamps: bool = typer.Option(False, "--timestamps", "-t", help="Show each line's UTC time."),
     no_prefix: bool = typer.Option(False, "--no-prefix", help="Do not prefix lines with the process name."),
 ) -> None:
@@ -234,7 +234,7 @@ _PLENTY_OF_GPUS = 4096  # validation plans for the profile's needs, not this mac
 @profile_app.command("validate")
 @user_errors
 def profile_validate(
-    files: List[str] = typer.Argument(..., help="Profile files or shipped profile names."),
+    files: List[str] = typer.Argument(..., metavar="PROFILE", help="Profile files or shipped profile names."),
     overrides: Optional[List[str]] = SetOpt,
     backend: Optional[str] = BackendOpt,
 ) -> None:
@@ -272,7 +272,7 @@ def profile_validate(
 
 @profile_app.command("schema")
 def profile_schema(
-    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Write to this file instead of stdout."),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", metavar="FILE", help="Write to this file instead of stdout."),
 ) -> None:
     """Print the JSON Schema of profiles (for editors; committed as profiles/schema.json)."""
     from dynamo.core.profile import profile_json_schema
@@ -314,7 +314,11 @@ reflow_help(app)
 
 
 def main() -> None:
-    app()
+    from typer.main import get_command
+
+    command = get_command(app)
+    readable_metavars(command)
+    command()
 
 
 if __name__ == "__main__":

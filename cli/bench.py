@@ -221,10 +221,10 @@ def bench(
                                             "tokenizer.json (or a hub id): sizes prompts exactly and "
                                             "recounts outputs. Without it lengths are approximate and "
                                             "counts come from the server's usage.", rich_help_panel=P_TARGET),
-    api_key: Optional[str] = typer.Option(None, "--api-key", envvar=["DYNAMO_API_KEY", "OPENAI_API_KEY"],
+    api_key: Optional[str] = typer.Option(None, "--api-key", metavar="KEY", envvar=["DYNAMO_API_KEY", "OPENAI_API_KEY"],
                                           show_envvar=True, help="Bearer token: the key the frontend requires "
                                           "(its frontend.api_key).", rich_help_panel=P_TARGET),
-    ready_timeout: float = typer.Option(120.0, "--ready-timeout", help="Seconds to wait for /v1/models and "
+    ready_timeout: float = typer.Option(120.0, "--ready-timeout", metavar="SECONDS", help="Seconds to wait for /v1/models and "
                                         "a one-token request to succeed before the load starts.",
                                         rich_help_panel=P_TARGET),
     concurrency: Optional[List[str]] = typer.Option(None, "--concurrency", "-c", metavar="N[,N...]", help="Closed loop: this many "
@@ -248,10 +248,10 @@ def bench(
                                            rich_help_panel=P_LOAD),
     warmup: int = typer.Option(0, "--warmup", min=0, help="Requests sent before each load point and "
                                "excluded from the results.", rich_help_panel=P_LOAD),
-    grace_period: float = typer.Option(30.0, "--grace-period", min=0, help="With --duration: seconds to let "
+    grace_period: float = typer.Option(30.0, "--grace-period", min=0, metavar="SECONDS", help="With --duration: seconds to let "
                                        "in-flight requests finish before they are cancelled (and "
                                        "excluded).", rich_help_panel=P_LOAD),
-    timeout: float = typer.Option(600.0, "--timeout", min=0.1, help="Per-request read timeout in seconds.",
+    timeout: float = typer.Option(600.0, "--timeout", min=0.1, metavar="SECONDS", help="Per-request read timeout in seconds.",
                                   rich_help_panel=P_LOAD),
     seed: Optional[int] = typer.Option(None, "--seed", help="Seed for prompts, lengths and arrivals (default: a "
                                        "new one per run, recorded in the results: the same prompts twice would "
@@ -259,7 +259,7 @@ def bench(
     workload: Optional[str] = typer.Option(None, "--workload", "-w", metavar="KIND", help="synthetic (default), shared-prefix, "
                                            "multi-turn, sharegpt or trace (mooncake JSONL). Inferred from "
                                            "--dataset when omitted.", rich_help_panel=P_WORK),
-    dataset: Optional[Path] = typer.Option(None, "--dataset", help="ShareGPT JSON file or mooncake trace "
+    dataset: Optional[Path] = typer.Option(None, "--dataset", metavar="FILE", help="ShareGPT JSON file or mooncake trace "
                                            "JSONL.", rich_help_panel=P_WORK),
     input_len: int = typer.Option(512, "--input-len", min=1, metavar="N", help="Prompt tokens (synthetic; per "
                                   "question for shared-prefix; per user turn for multi-turn).", rich_help_panel=P_WORK),
@@ -295,7 +295,7 @@ def bench(
     goodput: Optional[List[str]] = typer.Option(None, "--goodput", metavar="METRIC:MS", help="SLOs for goodput, "
                                                 "e.g. --goodput ttft:200 tpot:50 (metrics: ttft, tpot, e2el, "
                                                 "itl).", rich_help_panel=P_OUT),
-    output_dir: Optional[Path] = typer.Option(None, "--output-dir", "-o", help="Write results.json, "
+    output_dir: Optional[Path] = typer.Option(None, "--output-dir", "-o", metavar="DIR", help="Write results.json, "
                                               "summary.csv, requests-<load>.jsonl and (sweeps) PNG plots "
                                               "here.", rich_help_panel=P_OUT),
     save_requests: bool = typer.Option(True, "--save-requests/--no-save-requests", help="Write per-request "
@@ -557,8 +557,8 @@ def _stop_served(served, err, failed: bool) -> None:
 
 @app.command("compare")
 def compare(
-    dir_a: Path = typer.Argument(..., help="Output directory (or results.json) of run A."),
-    dir_b: Path = typer.Argument(..., help="Output directory (or results.json) of run B."),
+    dir_a: Path = typer.Argument(..., metavar="RUN_A", help="Output directory (or results.json) of run A."),
+    dir_b: Path = typer.Argument(..., metavar="RUN_B", help="Output directory (or results.json) of run B."),
     as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
 ) -> None:
     """Print two benchmark results side by side with the ratio B/A, load point by load point."""

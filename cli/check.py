@@ -34,7 +34,7 @@ def check(
         help="Check this OpenAI-compatible endpoint (http://host:port, with or without /v1) instead of the newest "
         "active run."),
     run: Optional[str] = typer.Option(None, "--run", metavar="RUN", help="Check this run (id, unique prefix or directory)."),
-    api_key: Optional[str] = typer.Option(None, "--api-key", envvar=["DYNAMO_API_KEY", "OPENAI_API_KEY"],
+    api_key: Optional[str] = typer.Option(None, "--api-key", metavar="KEY", envvar=["DYNAMO_API_KEY", "OPENAI_API_KEY"],
                                           show_envvar=True, help="Bearer token for --url or the run's frontend "
                                           "(its frontend.api_key)."),
     no_color: bool = typer.Option(False, "--no-color", help="Plain output."),

@@ -8,6 +8,7 @@ each item of a list, one line and leaves the wrapping to rich.
 from __future__ import annotations
 
 import inspect
+from pathlib import Path
 
 import typer
 
@@ -55,3 +56,46 @@ def reflow_help(app: typer.Typer) -> None:
     for group in app.registered_groups:
         if group.typer_instance is not None:
             reflow_help(group.typer_instance)
+
+
+def _value_name(param) -> str:
+    """What to type for an option whose code gives no metavar, from its declared type (typer's own
+    parameter classes since 0.2x describe it in ``type_descriptor``; older ones are click's)."""
+    desc = getattr(param, "type_descriptor", None)
+    if desc is not None:
+        if desc.is_choice:
+            return "|".join(str(getattr(c, "value", c)) for c in desc.choices)
+        if desc.is_path or desc.is_file:
+            return "PATH"
+        kind = desc.annotation if isinstance(desc.annotation, type) else None
+    else:
+        kind = {"integer": int, "float": float, "path": Path, "file": Path}.get(getattr(param.type, "name", ""))
+        choices = getattr(param.type, "choices", None)
+        if choices:
+            return "|".join(map(str, choices))
+    if kind is not None and issubclass(kind, bool):
+        return "BOOLEAN"
+    if kind is int:
+        return "N"
+    if kind is float:
+        return "NUMBER"
+    if kind is Path:
+        return "PATH"
+    return (param.name or "value").upper().replace("_", "-")
+
+
+def readable_metavars(command) -> None:
+    """Show what to type, not Python types: ``PROFILE`` instead of typer's ``{profile}`` and ``<str>``,
+    ``N`` instead of ``<int range>``, nothing after a flag instead of ``<bool>``. Applied to the whole
+    command tree once; a metavar given in the code is kept."""
+    for param in command.params:
+        if param.metavar is not None:
+            continue
+        if param.param_type_name == "argument":
+            param.metavar = (param.name or "arg").upper()
+        elif getattr(param, "is_flag", False) or getattr(param, "count", False):
+            param.metavar = ""
+        else:
+            param.metavar = _value_name(param)
+    for sub in (getattr(command, "commands", None) or {}).values():
+        readable_metavars(sub)

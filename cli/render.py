@@ -19,7 +19,7 @@ def k8s(
     overrides: Optional[List[str]] = typer.Option(None, "--set", metavar="KEY.PATH=VALUE", help="Override a profile value."),
     backend: Optional[str] = typer.Option(None, "--backend", metavar=BACKEND_METAVAR, help="Replace the profile's backend (" + BACKEND_NAMES + ")."),
     namespace: Optional[str] = typer.Option(None, "--namespace", "-n", help="Kubernetes namespace for every object."),
-    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Write here instead of stdout."),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", metavar="FILE", help="Write here instead of stdout."),
 ) -> None:
     """Kubernetes manifests: NATS, a Deployment per frontend/router, a StatefulSet per worker group.
 
@@ -52,7 +52,7 @@ def slurm(
     time_limit: Optional[str] = typer.Option(None, "--time", "-t", help="Slurm time limit, e.g. 04:00:00."),
     account: Optional[str] = typer.Option(None, "--account", "-A", help="Slurm account to charge (#SBATCH --account)."),
     backend: Optional[str] = typer.Option(None, "--backend", metavar=BACKEND_METAVAR, help="Replace the profile's backend (" + BACKEND_NAMES + ") on every node."),
-    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Write here instead of stdout."),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", metavar="FILE", help="Write here instead of stdout."),
 ) -> None:
     """An sbatch script: one host per profile node, `dynamo serve --node` on each with srun.
 

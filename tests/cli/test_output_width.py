@@ -91,3 +91,23 @@ def test_profile_list_wraps_descriptions_in_an_80_column_terminal(plain_env):
     shown = dynamo("profile", "list", env={**plain_env, "COLUMNS": "80"}).stdout
     assert max(len(line) for line in shown.splitlines()) <= 80, shown
     assert "where most of its prompt is" in " ".join(shown.split())  # wrapped, not cut
+
+
+def test_help_names_values_not_python_types(plain_env):
+    """Every option shows what to type (N, SECONDS, PATH...) and flags show nothing, never typer's
+    <bool>, <str> or <int range>; arguments are named in capitals. (typer itself still prints the
+    type of an argument and of --help, and braces around required arguments in the usage line.)"""
+    for path in _commands():
+        proc = dynamo(*path, "--help", env={"TERMINAL_WIDTH": "200"})
+        assert proc.returncode == 0, proc.stderr
+        options = re.sub(r"╭─ Arguments.*?╰", "", proc.stdout, flags=re.S)
+        options = "\n".join(line for line in options.splitlines() if not re.match(r"│\s+--help\s", line))
+        typed = re.findall(r"<(?:bool|str|int|float|int range|float range|path|file|dir)>", options)
+        assert not typed, f"dynamo {' '.join(path)} --help shows {typed}"
+        usage = next(line for line in proc.stdout.splitlines() if "Usage:" in line)
+        assert not re.search(r"[{\[][a-z_]+[}\]]", usage), usage
+    serve_help = dynamo("serve", "--help", env={"TERMINAL_WIDTH": "200"}).stdout
+    assert "serve [OPTIONS] {PROFILE}" in serve_help
+    assert re.search(r"│ --dry-run\s+Print the plan", serve_help)
+    assert re.search(r"│ --replica\s+N\s+\[x>=0\]", serve_help)
+    assert re.search(r"│ --run-dir\s+DIR\s", serve_help)
