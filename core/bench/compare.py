@@ -48,7 +48,8 @@ def _pairs(a: dict, b: dict) -> list[tuple[str, dict | None, dict | None]]:
 
 
 def compare_results(dir_a: Path, dir_b: Path) -> dict:
-    """The comparison as data: one entry per load point with A, B and B/A per metric."""
+    """The comparison as data: one entry per load point with A, B and B/A per metric, and which sides
+    of it (``"A"``, ``"B"``) were cut short by an interrupted benchmark, so cover only part of the load."""
     a, b = load_results(dir_a), load_results(dir_b)
     points = []
     for label, pa, pb in _pairs(a, b):
@@ -59,7 +60,8 @@ def compare_results(dir_a: Path, dir_b: Path) -> dict:
             ratio = vb / va if (va not in (None, 0) and vb is not None) else None
             rows.append({"metric": name, "key": key, "stat": stat, "a": va, "b": vb, "ratio": ratio,
                          "higher_is_better": higher})
-        points.append({"label": label, "metrics": rows})
+        cut = [side for side, point in (("A", pa), ("B", pb)) if point and point["summary"].get("interrupted")]
+        points.append({"label": label, "metrics": rows, "interrupted": cut})
     return {"a": str(dir_a), "b": str(dir_b),
             "model_a": a.get("server", {}).get("model"), "model_b": b.get("server", {}).get("model"),
             "points": points}
@@ -77,7 +79,9 @@ def compare_tables(data: dict) -> list[Table]:
     """One rich table per load point; ratios are green when B is better, red when worse (>2%)."""
     tables = []
     for p in data["points"]:
-        t = Table(title=f"{p['label']}: A = {data['a']}  B = {data['b']}", title_justify="left")
+        cut = p.get("interrupted") or []
+        partial = f" ({' and '.join(cut)} interrupted: partial)" if cut else ""
+        t = Table(title=f"{p['label']}{partial}: A = {data['a']}  B = {data['b']}", title_justify="left")
         t.add_column("Metric")
         t.add_column("A", justify="right")
         t.add_column("B", justify="right")

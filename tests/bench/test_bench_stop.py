@@ -25,6 +25,7 @@ import psutil
 import pytest
 
 from dynamo.core.proctree import marked_processes
+from tests.conftest import dynamo
 
 PROFILE = """\
 name: benchstop
@@ -307,6 +308,11 @@ def test_an_interrupted_sweep_keeps_the_finished_points_and_the_partial_one(fake
         assert "interrupted" in (out / "summary.csv").read_text().splitlines()[0]
         assert "dynamo bench: c2 (interrupted: partial)" in stdout and "4 sent: 2 ok, 0 failed, 2 cancelled" in stdout
         assert "│ c2*" in stdout and "* interrupted: partial results" in stdout, stdout
+        compared = dynamo("bench", "compare", str(out), str(out), env={"TERMINAL_WIDTH": "200"})
+        assert compared.returncode == 0, compared.stderr
+        assert "c2 (A and B interrupted: partial): A = " in compared.stdout and "c1: A = " in compared.stdout
+        data = json.loads(dynamo("bench", "compare", str(out), str(out), "--json").stdout)
+        assert [p["interrupted"] for p in data["points"]] == [[], ["A", "B"]]
     finally:
         bench.kill()
 
